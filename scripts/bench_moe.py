@@ -1,0 +1,182 @@
+"""Benchmark SparseMoE against a dense MLP of the same active FLOPs, the one-hot einsum
+(GShard/DeepSpeed-style) dispatch, and DeepSpeed's MoE layer (if installed).
+
+All variants of one configuration are timed interleaved (A B C A B C ...) so machine
+noise hits them alike; the table reports medians of forward+backward time, the ratio to
+the dense MLP, and the activation memory kept for backward (bytes of saved tensors,
+parameters excluded), which is what grows with the number of tokens.
+
+    python scripts/bench_moe.py                       # the README table
+    python scripts/bench_moe.py --tokens 256 --reps 2 --experts 4   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+from vlmoe.moe import SparseMoE, compute_capacity, top_k_gates
+
+
+class OneHotEinsumMoE(nn.Module):
+    """The GShard / DeepSpeed formulation: a [T, E, C] one-hot dispatch tensor and einsums.
+    Same routing as SparseMoE (top-k, capacity, position priority), quadratic memory."""
+
+    def __init__(self, moe: SparseMoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        m = self.moe
+        x_TD = x.reshape(-1, m.dim)
+        T, E, K = x_TD.shape[0], m.num_experts, m.top_k
+        gates_TE = m.router_logits(x_TD).softmax(-1)
+        C = compute_capacity(T, E, K, m.options.capacity_factor)
+        w_TK, e_TK = top_k_gates(gates_TE, K)
+        onehot_KTE = F.one_hot(e_TK.t(), E)
+        pos_KTE = (onehot_KTE.reshape(K * T, E).cumsum(0).reshape(K, T, E) - 1) * onehot_KTE
+        pos_KT = pos_KTE.sum(-1)
+        keep_KT = pos_KT < C
+        dispatch_TEC = torch.zeros(T, E, C, dtype=x.dtype)
+        combine_TEC = torch.zeros(T, E, C, dtype=x.dtype)
+        for k in range(K):
+            oh = F.one_hot(pos_KT[k].clamp_max(C - 1), C).to(x.dtype) * keep_KT[k, :, None]
+            d = onehot_KTE[k].to(x.dtype)[:, :, None] * oh[:, None, :]
+            dispatch_TEC = dispatch_TEC + d
+            combine_TEC = combine_TEC + d * w_TK[:, k, None, None]
+        xe_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
+        ex = m.experts
+        h = ex.act(torch.baddbmm(ex.b1[:, None], xe_ECD, ex.w1))
+        ye_ECD = torch.baddbmm(ex.b2[:, None], h, ex.w2)
+        return torch.einsum("tec,ecd->td", combine_TEC, ye_ECD).reshape(x.shape)
+
+
+class DeepSpeedMoE(nn.Module):
+    def __init__(self, dim, hidden, E, k):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        self.moe = MoE(hidden_size=dim, expert=Mlp(dim, hidden), num_experts=E, ep_size=1, k=k,
+                       capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True)
+
+    def forward(self, x):
+        return self.moe(x)[0]
+
+
+def _init_deepspeed():
+    try:
+        import deepspeed  # noqa: F401
+        import torch.distributed as dist
+    except Exception as e:  # noqa: BLE001 - optional extra
+        return f"not installed ({type(e).__name__}); pip install -e '.[bench]'"
+    if not dist.is_initialized():
+        import os
+        import tempfile
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    return None
+
+
+@contextlib.contextmanager
+def saved_bytes(params):
+    """Counts bytes of tensors autograd saves for backward (each storage once, no parameters)."""
+    seen, skip = set(), {p.untyped_storage().data_ptr() for p in params}
+    total = [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in skip:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+
+
+def step(module, x, grad):
+    y = module(x)
+    y.backward(grad)
+
+
+def bench(tokens=4096, dim=256, hidden=1024, experts=(8, 32), top_ks=(1, 2), reps=9, with_deepspeed=True):
+    torch.manual_seed(0)
+    ds_error = _init_deepspeed() if with_deepspeed else "skipped (--no-deepspeed)"
+    rows = []
+    for E in experts:
+        for k in top_ks:
+            moe = SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, batch_priority=True).train()
+            variants = {
+                "dense MLP": Mlp(dim, hidden * k),
+                "vlmoe": moe,
+                "vlmoe (grouped_mm)": SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, implementation="grouped_mm").train(),
+                "vlmoe (loop)": SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, implementation="loop").train(),
+                "one-hot einsum": OneHotEinsumMoE(SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, batch_priority=False)),
+            }
+            if ds_error is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    variants["DeepSpeed MoE"] = DeepSpeedMoE(dim, hidden, E, k)
+            x = torch.randn(1, tokens, dim, requires_grad=True)
+            g = torch.randn(1, tokens, dim)
+            mem = {}
+            for name, mod in variants.items():
+                step(mod, x, g)  # warm-up
+                with saved_bytes(list(mod.parameters()) + [x]) as b:
+                    mod(x)
+                mem[name] = b[0]
+            times = {n: [] for n in variants}
+            for _ in range(reps):
+                for name, mod in variants.items():
+                    t0 = time.perf_counter()
+                    step(mod, x, g)
+                    times[name].append(time.perf_counter() - t0)
+                    mod.zero_grad(set_to_none=True)
+            dense = statistics.median(times["dense MLP"])
+            for name in variants:
+                med = statistics.median(times[name])
+                rows.append((E, k, name, med * 1e3, med / dense, mem[name] / 2**20))
+    return rows, ds_error
+
+
+def format_table(rows, tokens, dim, hidden) -> str:
+    lines = [
+        f"tokens={tokens}, d={dim}, h={hidden}, float32, capacity_factor=1.0, BPR; "
+        f"{torch.get_num_threads()} threads; medians of interleaved forward+backward",
+        "",
+        "| E | top-k | layer | fwd+bwd ms | x dense | activation MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for E, k, name, ms, ratio, mib in rows:
+        lines.append(f"| {E} | {k} | {name} | {ms:.1f} | {ratio:.2f} | {mib:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--no-deepspeed", action="store_true")
+    a = p.parse_args(argv)
+    rows, ds_error = bench(a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.reps, not a.no_deepspeed)
+    print(format_table(rows, a.tokens, a.dim, a.hidden))
+    if ds_error:
+        print(f"\nDeepSpeed MoE: {ds_error}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

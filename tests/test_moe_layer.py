@@ -1,0 +1,210 @@
+import math
+
+import pytest
+import torch
+from timm.layers import Mlp
+
+from vlmoe.moe import SparseMoE, collect_aux, routing_context
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("num_experts", 4)
+    return SparseMoE(16, 32, **kw)
+
+
+def per_token_reference(moe: SparseMoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """Dense per-token loop: out = sum_k w_k * expert_k(x) over the token's top-k (dropless)."""
+    gates = moe.router_logits(x_TD).softmax(-1)
+    out = torch.zeros_like(x_TD)
+    ex = moe.experts
+    for t in range(x_TD.shape[0]):
+        w, idx = torch.sort(gates[t], descending=True, stable=True)
+        w, idx = w[: moe.top_k], idx[: moe.top_k]
+        if moe.normalize_combine_weights:
+            w = w / w.sum()
+        for wk, e in zip(w, idx):
+            h = ex.act(x_TD[t] @ ex.w1[e] + ex.b1[e])
+            out[t] += wk * (h @ ex.w2[e] + ex.b2[e])
+    return out
+
+
+@pytest.mark.parametrize("top_k,normalize", [(1, False), (2, False), (2, True), (3, True)])
+def test_dropless_equals_per_token_loop(top_k, normalize):
+    moe = make(top_k=top_k, capacity_factor=None, normalize_combine_weights=normalize).eval()
+    x = torch.randn(2, 7, 16)
+    y = moe(x)
+    torch.testing.assert_close(y.reshape(-1, 16), per_token_reference(moe, x.reshape(-1, 16)), atol=1e-5, rtol=1e-5)
+
+
+def test_one_expert_equals_dense_mlp():
+    torch.manual_seed(0)
+    mlp = Mlp(16, 32)
+    moe = SparseMoE(16, 32, num_experts=1, top_k=1, capacity_factor=None, normalize_combine_weights=True).eval()
+    with torch.no_grad():
+        moe.experts.w1[0].copy_(mlp.fc1.weight.t())
+        moe.experts.b1[0].copy_(mlp.fc1.bias)
+        moe.experts.w2[0].copy_(mlp.fc2.weight.t())
+        moe.experts.b2[0].copy_(mlp.fc2.bias)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(moe(x), mlp(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "gshard", "expert_choice"])
+@pytest.mark.parametrize("capacity_factor,group_size", [(1.0, None), (1.0, 10), (None, None)])
+def test_bmm_grouped_mm_and_loop_agree(router, capacity_factor, group_size):
+    if router == "expert_choice" and capacity_factor is None:
+        pytest.skip("expert choice always has a capacity")
+    x = torch.randn(4, 9, 16, requires_grad=True)
+    outs, grads = [], []
+    for impl in ("bmm", "grouped_mm", "loop"):
+        moe = make(router=router, implementation=impl, capacity_factor=capacity_factor, group_size=group_size, top_k=None).eval()
+        y = moe(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad.clone() for n, p in moe.named_parameters()} | {"x": x.grad.clone()})
+        x.grad = None
+    assert outs[0].abs().sum() > 0
+    for i in (1, 2):
+        torch.testing.assert_close(outs[0], outs[i], atol=1e-5, rtol=1e-5)
+        for k in grads[0]:
+            torch.testing.assert_close(grads[0][k], grads[i][k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_gradients_reach_router_and_every_used_expert():
+    moe = make(top_k=2, capacity_factor=2.0).train()
+    x = torch.randn(8, 16, 16)
+    y = moe(x)
+    loss = y.square().mean() + collect_aux(moe)[0]
+    loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    used = moe.aux[None].stats["tokens_per_expert"] > 0
+    per_expert = moe.experts.w1.grad.abs().sum((1, 2))
+    assert used.all() and (per_expert[used] > 0).all()
+
+
+def test_capacity_and_dropped_tokens_get_zero_output():
+    moe = make(num_experts=4, capacity_factor=0.25, batch_priority=True).eval()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0  # push every token towards expert 0
+    x = torch.randn(1, 40, 16).abs()
+    y = moe(x)
+    stats = moe.aux[None].stats
+    cap = int(stats["capacity"])
+    assert cap == 4 and stats["tokens_per_expert"].max() <= cap
+    zero_rows = (y[0].abs().sum(-1) == 0).sum().item()
+    assert zero_rows == 40 - int(stats["tokens_per_expert"].sum())
+    assert stats["dropped_token_frac"].item() == pytest.approx(zero_rows / 40)
+
+
+def test_token_mask_takes_no_capacity_and_no_loss():
+    moe = make(local_entropy_weight=0.1, global_entropy_weight=0.1).eval()
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
+    y = moe(x, mask=mask)
+    assert (y[~mask] == 0).all()
+    stats = moe.aux[None].stats
+    assert stats["num_tokens"].item() == 7 and stats["tokens_per_expert"].sum().item() <= 7
+    # the same real tokens alone give the same outputs and losses
+    y2 = moe(x[mask].unsqueeze(0))
+    torch.testing.assert_close(y[mask], y2[0])
+    aux_masked = {k: v.item() for k, v in moe.aux[None].losses.items()}
+    moe(x, mask=mask)
+    for k, v in moe.aux[None].losses.items():
+        assert v.item() == pytest.approx(aux_masked[k], rel=1e-5), k
+
+
+def test_routing_context_sets_modality_and_mask():
+    moe = make(modality_overrides={"text": {"capacity_factor": None}})
+    x = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    with routing_context("text", mask):
+        y = moe(x)
+    with routing_context("image"):
+        moe(x)
+    assert set(moe.aux) == {"text", "image"}
+    assert moe.aux["text"].stats["num_tokens"] == 6 and moe.aux["text"].stats["capacity"] == -1
+    assert moe.aux["image"].stats["capacity"] > 0
+    assert (y[:, 3:] == 0).all()
+    total, metrics = collect_aux(moe)
+    assert "moe/layer/text/tokens_per_expert" in metrics and "moe/layer/image/load_loss" in metrics
+    assert total.requires_grad
+
+
+def test_noisy_gating_train_vs_eval():
+    moe = make(noise_scale=1.0)
+    x = torch.randn(4, 8, 16)
+    moe.eval()
+    torch.testing.assert_close(moe(x), moe(x))
+    assert "load" not in moe.aux[None].losses  # load loss needs noise
+    moe.train()
+    torch.manual_seed(1)
+    a = moe(x)
+    assert "load" in moe.aux[None].losses
+    torch.manual_seed(2)
+    assert not torch.equal(a, moe(x))
+
+
+def test_gshard_random_second_expert():
+    moe = make(router="gshard", capacity_factor=None).train()
+    x = torch.randn(4, 64, 16)
+    moe(x)
+    kept = moe.aux[None].stats["tokens_per_expert"].sum().item()
+    assert 256 < kept < 512  # every first choice, only some second choices
+    moe.eval()
+    moe(x)
+    assert moe.aux[None].stats["tokens_per_expert"].sum().item() == 512
+    # eval combine weights are the top-2 gates normalised over the two
+    y = moe(x[:1, :3])
+    ref = per_token_reference(make(router="gshard", capacity_factor=None, normalize_combine_weights=True).eval(), x[0, :3])
+    torch.testing.assert_close(y[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_switch_and_expert_choice():
+    moe = make(router="switch")
+    moe(torch.randn(2, 8, 16))
+    assert set(moe.aux[None].losses) == {"balance"}
+    ec = make(router="expert_choice", capacity_factor=1.0)
+    ec(torch.randn(2, 8, 16))
+    assert ec.aux[None].stats["tokens_per_expert"].tolist() == [4.0] * 4
+
+
+def test_groups():
+    moe = make(group_size=5).eval()
+    x = torch.randn(1, 12, 16)
+    y = moe(x)  # groups of 5, 5, 2 (padded)
+    parts = [moe(x[:, i : i + 5]) for i in (0, 5, 10)]
+    torch.testing.assert_close(y, torch.cat(parts, 1))
+
+
+def test_autocast_bf16():
+    moe = make(top_k=2)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+        assert moe.router_logits(x.reshape(-1, 16)).dtype == torch.float32
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert moe.experts.w1.grad is not None
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown router"):
+        SparseMoE(16, 32, 4, router="hash")
+    with pytest.raises(ValueError, match="top_k"):
+        SparseMoE(16, 32, 4, top_k=5)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        SparseMoE(16, 32, 4, capacity_factor=0.0)
+    with pytest.raises(ValueError, match="unknown routing option"):
+        SparseMoE(16, 32, 4, modality_overrides={"text": {"capacity": 2}})
+    moe = make()
+    with pytest.raises(ValueError, match="expects"):
+        moe(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="mask"):
+        moe(torch.randn(2, 3, 16), mask=torch.ones(2, 4, dtype=torch.bool))
+    with torch.no_grad():
+        moe.router.weight[0, 0] = math.inf
+    with pytest.raises(FloatingPointError, match="not finite"):
+        moe(torch.randn(2, 3, 16))

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from vlmoe.moe import (
+    balance_loss,
+    global_entropy_loss,
+    importance_loss,
+    load_loss,
+    local_entropy_loss,
+    z_loss,
+)
+
+
+def phi(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_importance_loss_hand_computed():
+    gates = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    # importance = [1.5, 0.5]: mean 1, population variance 0.25 -> CV^2 = 0.25
+    assert importance_loss(gates).item() == pytest.approx(0.25)
+    assert importance_loss(torch.full((4, 3), 1 / 3)).item() == pytest.approx(0.0, abs=1e-7)
+    # per group then averaged
+    g2 = torch.stack([gates, torch.full((2, 2), 0.5)])
+    assert importance_loss(g2).item() == pytest.approx(0.125)
+    # masked token ignored
+    assert importance_loss(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_load_loss_hand_computed():
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]])
+    noisy = torch.tensor([[1.2, 0.1, -0.9], [0.3, 1.5, 0.7]])
+    std = 0.5
+    for k in (1, 2):
+        p = []
+        for s in range(2):
+            thr = sorted(noisy[s].tolist(), reverse=True)[k - 1]
+            p.append([1 - phi((thr - float(logits[s, e])) / std) for e in range(3)])
+        pm = [(p[0][e] + p[1][e]) / 2 for e in range(3)]
+        mean = sum(pm) / 3
+        var = sum((v - mean) ** 2 for v in pm) / 3
+        assert load_loss(logits, noisy, std, k).item() == pytest.approx(var / mean**2, rel=1e-5)
+    with pytest.raises(ValueError, match="noise_std"):
+        load_loss(logits, noisy, 0.0, 1)
+
+
+def test_balance_and_z_loss():
+    gates = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    # f = [0.5, 0.5], P = [0.55, 0.45] -> 2 * (0.275 + 0.225) = 1.0
+    assert balance_loss(gates).item() == pytest.approx(1.0)
+    gates = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+    # f = [1, 0], P = [0.85, 0.15] -> 2 * 0.85 = 1.7
+    assert balance_loss(gates).item() == pytest.approx(1.7)
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    expected = (math.log(2) ** 2 + math.log(math.e + math.e**2) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_entropy_losses():
+    E = 4
+    uniform = torch.full((3, E), 1 / E)
+    assert local_entropy_loss(uniform).item() == pytest.approx(math.log(E))
+    onehot = torch.eye(E)
+    assert local_entropy_loss(onehot).item() == pytest.approx(0.0, abs=1e-6)
+    # every token sure, but of a different expert: global entropy is maximal
+    assert global_entropy_loss(onehot).item() == pytest.approx(-math.log(E))
+    # all tokens on expert 0: global entropy 0; threshold log(2) asks for >= 2 experts
+    collapsed = torch.tensor([[1.0, 0, 0, 0]] * 4)
+    assert global_entropy_loss(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    assert global_entropy_loss(collapsed, threshold=math.log(2)).item() == pytest.approx(math.log(2))
+    assert global_entropy_loss(onehot, threshold=math.log(2)).item() == pytest.approx(0.0)
+    # mask: padding tokens count in no loss
+    mixed = torch.cat([onehot[:1], uniform[:1]])
+    assert local_entropy_loss(mixed, torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_losses_have_gradients():
+    logits = torch.randn(2, 8, 4, requires_grad=True)
+    g = logits.softmax(-1)
+    total = importance_loss(g) + local_entropy_loss(g) + global_entropy_loss(g) + z_loss(logits) + balance_loss(g)
+    total = total + load_loss(logits, logits.detach() + 0.1 * torch.randn_like(logits), 0.25, 2)
+    total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

@@ -1,0 +1,380 @@
+"""The SparseMoE layer: a drop-in replacement for timm's `Mlp` / open_clip's MLP.
+
+Legend: T tokens, G groups, S tokens per group, E experts, K choices, C capacity,
+N = G*S*K assignments, M kept assignments, D model dim, H hidden dim.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as L
+from .experts import Experts, Implementation
+from .routing import compute_capacity, expert_choice_route, route, top_k_gates
+
+__all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "collect_aux", "ROUTERS"]
+
+RouterName = Literal["topk", "switch", "gshard", "expert_choice"]
+ROUTERS = ("topk", "switch", "gshard", "expert_choice")
+
+_CONTEXT: contextvars.ContextVar[tuple[str | None, torch.Tensor | None]] = contextvars.ContextVar(
+    "vlmoe_routing_context", default=(None, None)
+)
+
+
+@contextlib.contextmanager
+def routing_context(modality: str | None = None, mask: torch.Tensor | None = None) -> Iterator[None]:
+    """Tell every SparseMoE called inside the block which modality its tokens are and which
+    tokens are real (mask [B, T], True for real tokens). Used by the towers, whose blocks
+    call `mlp(x)` with no room for extra arguments."""
+    token = _CONTEXT.set((modality, mask))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+@dataclass
+class RoutingOptions:
+    """Routing settings that may differ per modality (LIMoE routes images and text apart)."""
+
+    capacity_factor: float | None = 1.0  # None: dropless
+    batch_priority: bool = True  # Batch Prioritized Routing
+    importance_weight: float = 0.0  # V-MoE importance loss
+    load_weight: float = 0.0  # V-MoE load loss (needs noisy gating)
+    balance_weight: float = 0.0  # Switch / GShard balance loss
+    z_loss_weight: float = 0.0  # ST-MoE router z-loss
+    local_entropy_weight: float = 0.0  # LIMoE local entropy loss
+    global_entropy_weight: float = 0.0  # LIMoE global entropy loss
+    global_entropy_threshold: float | None = None  # tau; log(S) asks for a soft minimum of S experts
+
+
+_DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
+    # V-MoE's ImageNet/JFT configs weigh both losses by 0.005.
+    "topk": {"importance_weight": 0.005, "load_weight": 0.005},
+    "switch": {"balance_weight": 0.01},
+    "gshard": {"balance_weight": 0.01},
+    "expert_choice": {},
+}
+
+
+@dataclass
+class MoEAux:
+    """What one SparseMoE call leaves for the training loop."""
+
+    loss: torch.Tensor  # weighted sum of the auxiliary losses (differentiable)
+    losses: dict[str, torch.Tensor]  # each unweighted loss (differentiable)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached statistics
+
+
+class SparseMoE(nn.Module):
+    """Sparse mixture-of-experts MLP: `forward(x) -> x` for x [B, T, D] or [N, D].
+
+    Args:
+        dim: model width D.
+        hidden_dim: expert hidden width H (default 4 * dim).
+        num_experts: E.
+        top_k: experts per token (K); 1 for "switch", 2 for "gshard".
+        capacity_factor: buffer slots per expert = ceil(S*K*cf/E) rounded to `multiple_of`;
+            None routes dropless (every choice kept).
+        batch_priority: Batch Prioritized Routing (V-MoE) instead of priority by position.
+        router: "topk" (V-MoE), "switch" (top-1), "gshard" (top-2 with random routing of
+            the second expert in training) or "expert_choice" (each expert takes its top-C).
+        noise_scale: training noise std = noise_scale / E added to the router logits
+            (default 1.0 for "topk", 0 otherwise).
+        group_size: tokens per routing group (default: all tokens of a call in one group).
+        multiple_of: capacity is rounded up to a multiple of this.
+        normalize_combine_weights: divide each token's kept weights by their sum.
+        act_layer, bias: expert MLP activation and biases (timm / open_clip defaults).
+        implementation: experts' matmul path, "auto", "grouped_mm" or "loop".
+        *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
+            defaults depend on the router (V-MoE: importance and load 0.005).
+        modality_overrides: per-modality RoutingOptions fields, e.g.
+            {"text": {"capacity_factor": 2.0, "global_entropy_threshold": math.log(4)}}.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        num_experts: int = 8,
+        top_k: int | None = None,
+        capacity_factor: float | None = 1.0,
+        batch_priority: bool = True,
+        router: RouterName = "topk",
+        noise_scale: float | None = None,
+        group_size: int | None = None,
+        multiple_of: int = 4,
+        normalize_combine_weights: bool = False,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        implementation: Implementation = "auto",
+        importance_weight: float | None = None,
+        load_weight: float | None = None,
+        balance_weight: float | None = None,
+        z_loss_weight: float | None = None,
+        local_entropy_weight: float | None = None,
+        global_entropy_weight: float | None = None,
+        global_entropy_threshold: float | None = None,
+        modality_overrides: dict[str, dict[str, Any]] | None = None,
+    ):
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1; got {num_experts}")
+        default_k = {"switch": 1, "gshard": 2}.get(router, 1)
+        top_k = default_k if top_k is None else top_k
+        if router in ("switch", "gshard") and top_k != default_k:
+            raise ValueError(f"router={router!r} routes to exactly {default_k} expert(s); got top_k={top_k}")
+        if router != "expert_choice" and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}]; got top_k={top_k}")
+        if router == "expert_choice" and capacity_factor is None:
+            raise ValueError("router='expert_choice' needs a capacity_factor (each expert takes C tokens)")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None; got {group_size}")
+        self.dim, self.hidden_dim = dim, hidden_dim or 4 * dim
+        self.num_experts, self.top_k, self.router_name = num_experts, top_k, router
+        self.noise_scale = (1.0 if router == "topk" else 0.0) if noise_scale is None else noise_scale
+        self.group_size, self.multiple_of = group_size, multiple_of
+        self.normalize_combine_weights = normalize_combine_weights
+
+        weights = dict(_DEFAULT_WEIGHTS[router])
+        given = dict(
+            importance_weight=importance_weight, load_weight=load_weight, balance_weight=balance_weight,
+            z_loss_weight=z_loss_weight, local_entropy_weight=local_entropy_weight,
+            global_entropy_weight=global_entropy_weight,
+        )
+        weights.update({k: v for k, v in given.items() if v is not None})
+        self.options = RoutingOptions(
+            capacity_factor=capacity_factor, batch_priority=batch_priority,
+            global_entropy_threshold=global_entropy_threshold, **weights,
+        )
+        self.modality_options: dict[str, RoutingOptions] = {}
+        names = {f.name for f in fields(RoutingOptions)}
+        for modality, overrides in (modality_overrides or {}).items():
+            unknown = set(overrides) - names
+            if unknown:
+                raise ValueError(f"unknown routing option(s) {sorted(unknown)} for modality {modality!r}; known: {sorted(names)}")
+            self.modality_options[modality] = replace(self.options, **overrides)
+        for opts in [self.options, *self.modality_options.values()]:
+            if opts.capacity_factor is not None:
+                compute_capacity(1, 1, 1, opts.capacity_factor)  # validates the factor
+
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias, implementation=implementation)
+        self.aux: dict[str | None, MoEAux] = {}
+        self.padded_min_fill = 0.85
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.router.weight, std=1.0 / math.sqrt(self.dim))
+        self.experts.init_weights()
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"router={self.router_name}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}"
+        )
+
+    def options_for(self, modality: str | None) -> RoutingOptions:
+        return self.modality_options.get(modality, self.options) if modality else self.options
+
+    # -- routing -------------------------------------------------------------------------
+    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits in float32, even under autocast."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.router.weight.float())
+
+    def _group(self, t_T: torch.Tensor, S: int, fill) -> torch.Tensor:
+        T = t_T.shape[0]
+        pad = (-T) % S
+        if pad:
+            t_T = torch.cat([t_T, t_T.new_full((pad, *t_T.shape[1:]), fill)])
+        return t_T.reshape(-1, S, *t_T.shape[1:])
+
+    def _assign(self, gates_GSE, mask_GS, opts: RoutingOptions):
+        """Flat routing over all choices of all groups: token_N (index into the padded token
+        list), expert_N, group_N, slot_N (position in the group's buffer of that expert,
+        -1 if dropped), weight_N, and the capacity per group and expert (None: dropless)."""
+        G, S, E = gates_GSE.shape
+        device = gates_GSE.device
+        if self.router_name == "expert_choice":
+            C = compute_capacity(S, E, 1, opts.capacity_factor, self.multiple_of)
+            token_GEC, weight_GEC = expert_choice_route(gates_GSE, C, mask_GS)
+            C = token_GEC.shape[-1]
+            expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, C)
+            group_GEC = torch.arange(G, device=device).view(G, 1, 1).expand(G, E, C)
+            slot_GEC = torch.arange(C, device=device).view(1, 1, C).expand(G, E, C)
+            chosen_GEC = token_GEC >= 0
+            slot_GEC = torch.where(chosen_GEC, slot_GEC, -1)
+            token_GEC = token_GEC.clamp_min(0) + S * group_GEC
+            return (token_GEC.reshape(-1), expert_GEC.reshape(-1), group_GEC.reshape(-1),
+                    slot_GEC.reshape(-1), weight_GEC.reshape(-1), C)
+
+        K = self.top_k
+        n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
+        capacity = None
+        if opts.capacity_factor is not None:
+            capacity = compute_capacity(max(n_valid, 1), E, K, opts.capacity_factor, self.multiple_of)
+        keep_GSK = None
+        scale_GS1 = None
+        if self.router_name == "gshard":
+            top_GSK, _ = top_k_gates(gates_GSE, 2)
+            denom_GS1 = top_GSK.sum(-1, keepdim=True)
+            scale_GS1 = 1.0 / denom_GS1
+            if self.training:
+                # GShard: the 2nd expert is used with probability min(1, 2 * g2 / (g1 + g2)).
+                p2_GS = 2.0 * top_GSK[..., 1] / denom_GS1[..., 0]
+                keep2_GS = torch.rand_like(p2_GS) < p2_GS
+                keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
+        r = route(
+            gates_GSE, K, capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
+            renormalize=self.normalize_combine_weights,
+        )
+        weight_GSK = r.combine_weight
+        if scale_GS1 is not None and not self.normalize_combine_weights:
+            weight_GSK = weight_GSK * scale_GS1
+        token_GSK = torch.arange(G * S, device=device).view(G, S, 1).expand(G, S, K)
+        group_GSK = torch.arange(G, device=device).view(G, 1, 1).expand(G, S, K)
+        return (token_GSK.reshape(-1), r.expert_index.reshape(-1), group_GSK.reshape(-1),
+                r.slot.reshape(-1), weight_GSK.reshape(-1), capacity)
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, modality: str | None = None) -> torch.Tensor:
+        ctx_modality, ctx_mask = _CONTEXT.get()
+        modality = modality if modality is not None else ctx_modality
+        mask = mask if mask is not None else ctx_mask
+        if x.ndim < 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"SparseMoE(dim={self.dim}) expects [..., {self.dim}] input; got shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, self.dim)
+        T, D, E = x_TD.shape[0], self.dim, self.num_experts
+        if mask is None:
+            mask_T = torch.ones(T, dtype=torch.bool, device=x.device)
+        else:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"token mask must have shape {tuple(x.shape[:-1])} (input without its last dim); got {tuple(mask.shape)}")
+            mask_T = mask.reshape(T).to(torch.bool)
+        opts = self.options_for(modality)
+
+        logits_TE = self.router_logits(x_TD)
+        if not torch.isfinite(logits_TE).all():
+            raise FloatingPointError(
+                "SparseMoE router logits are not finite (NaN/inf): the input or the router weights "
+                "have diverged; lower the learning rate or enable gradient clipping"
+            )
+        noise_std = self.noise_scale / E
+        noisy = self.training and noise_std > 0
+        noisy_logits_TE = logits_TE + noise_std * torch.randn_like(logits_TE) if noisy else logits_TE
+        clean_gates_TE = logits_TE.softmax(-1)
+        gates_TE = noisy_logits_TE.softmax(-1) if noisy else clean_gates_TE
+
+        S = max(min(self.group_size or T, T), 1)
+        gates_GSE = self._group(gates_TE, S, 0.0)
+        mask_GS = self._group(mask_T, S, False)
+        G = gates_GSE.shape[0]
+        token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts)
+
+        kept_M = (slot_N >= 0).nonzero().squeeze(1)
+        token_M, expert_M, weight_M = token_N[kept_M], expert_N[kept_M], weight_N[kept_M]
+        slot_M, group_M = slot_N[kept_M], group_N[kept_M]
+        M = kept_M.numel()
+        counts_E = torch.bincount(expert_M, minlength=E)
+        C = capacity if capacity is not None else (int(slot_M.max()) + 1 if M else 1)
+        impl = self.experts.implementation
+        # Padded buffers waste rows on empty slots but run as one batched matmul with the
+        # bias fused. Measured with scripts/bench_moe.py on 2 CPU cores they win for top-1
+        # at >= 85% fill; for top-2 the ragged grouped_mm path won even at 98% fill.
+        padded = self.top_k == 1 and M >= self.padded_min_fill * E * G * C
+        if impl == "bmm" or (impl == "auto" and padded):
+            # V-MoE layout: per-expert buffers [E, G*C, D] filled by (expert, group, slot).
+            row_M = (expert_M * G + group_M) * C + slot_M
+            buf_RD = x_TD.new_zeros(E * G * C, D).index_copy_(0, row_M, x_TD.index_select(0, token_M))
+            y_RD = self.experts.forward_buffers(buf_RD.view(E, G * C, D)).reshape(E * G * C, D)
+            y_MD = y_RD.index_select(0, row_M)
+        else:
+            order_M = torch.sort(expert_M, stable=True).indices  # ragged: rows grouped by expert
+            token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
+            y_MD = self.experts(x_TD.index_select(0, token_M), counts_E)
+        out_TD = torch.zeros_like(x_TD)
+        out_TD.index_add_(0, token_M, y_MD.to(x.dtype) * weight_M.to(x.dtype).unsqueeze(-1))
+
+        self.aux[modality] = self._aux(
+            logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, mask_T, S, opts, noise_std if noisy else 0.0,
+            counts_E, token_M, capacity,
+        )
+        return out_TD.reshape(x.shape)
+
+    def _aux(self, logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, mask_T, S, opts, noise_std,
+             counts_E, token_M, capacity) -> MoEAux:
+        group = lambda t, fill: self._group(t, S, fill)  # noqa: E731
+        mask_GS = group(mask_T, False)
+        losses: dict[str, torch.Tensor] = {}
+        weights = {
+            "importance": opts.importance_weight, "load": opts.load_weight, "balance": opts.balance_weight,
+            "z": opts.z_loss_weight, "local_entropy": opts.local_entropy_weight,
+            "global_entropy": opts.global_entropy_weight,
+        }
+        if weights["importance"]:
+            losses["importance"] = L.importance_loss(group(clean_gates_TE, 0.0), mask_GS)
+        if weights["load"] and noise_std > 0 and self.router_name != "expert_choice":
+            losses["load"] = L.load_loss(group(logits_TE, 0.0), group(noisy_logits_TE, 0.0), noise_std, self.top_k, mask_GS)
+        if weights["balance"]:
+            losses["balance"] = L.balance_loss(group(gates_TE, 0.0), mask_GS)
+        if weights["z"]:
+            losses["z"] = L.z_loss(group(logits_TE, 0.0), mask_GS)
+        if weights["local_entropy"]:
+            losses["local_entropy"] = L.local_entropy_loss(group(clean_gates_TE, 0.0), mask_GS)
+        if weights["global_entropy"]:
+            losses["global_entropy"] = L.global_entropy_loss(group(clean_gates_TE, 0.0), mask_GS, opts.global_entropy_threshold)
+        total = sum((weights[k] * v for k, v in losses.items()), logits_TE.new_zeros(()))
+
+        with torch.no_grad():
+            n_tokens = mask_T.sum()
+            kept_per_token = torch.bincount(token_M, minlength=mask_T.numel())[: mask_T.numel()]
+            n_choices = n_tokens * (self.top_k if self.router_name != "expert_choice" else 1)
+            n_kept = counts_E.sum()
+            stats = {
+                "tokens_per_expert": counts_E.detach().float(),
+                "expert_load": counts_E.float() / n_kept.clamp_min(1),
+                "mean_gate": (clean_gates_TE * mask_T.unsqueeze(-1)).sum(0) / n_tokens.clamp_min(1),
+                "num_tokens": n_tokens.float(),
+                # Fraction of (token, choice) pairs dropped; for expert choice: of tokens unrouted.
+                "dropped_frac": 1.0 - n_kept.float() / n_choices.clamp_min(1)
+                if self.router_name != "expert_choice"
+                else ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
+                "dropped_token_frac": ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
+                "capacity": torch.tensor(float(capacity if capacity is not None else -1)),
+            }
+        return MoEAux(total, losses, stats)
+
+
+def collect_aux(module: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum the weighted auxiliary losses of every SparseMoE in `module` (from their last call)
+    and return it with flat per-layer, per-modality metrics for logging:
+    `moe/{layer}/{modality}/{name}` (losses detached, statistics as tensors)."""
+    total = None
+    metrics: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, m in module.named_modules():
+        if not isinstance(m, SparseMoE) or id(m) in seen:
+            continue
+        seen.add(id(m))  # a shared layer is visited once but holds every modality's record
+        for modality, aux in m.aux.items():
+            total = aux.loss if total is None else total + aux.loss
+            prefix = f"moe/{name or 'layer'}/{modality or 'all'}"
+            for k, v in aux.losses.items():
+                metrics[f"{prefix}/{k}_loss"] = v.detach()
+            for k, v in aux.stats.items():
+                metrics[f"{prefix}/{k}"] = v
+    if total is None:
+        total = torch.zeros(())
+    return total, metrics

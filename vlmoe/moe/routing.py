@@ -1,0 +1,197 @@
+"""Routing: which (token, expert) pairs are kept, in which buffer slot, with which weight.
+
+Shape legend (used as suffixes on tensor names in this package's MoE code):
+    G routing groups, S tokens per group, E experts, K choices per token (top-k),
+    C capacity (buffer slots per expert and group), N = G*S*K assignments,
+    M kept assignments, T tokens (all groups), D model dim, H expert hidden dim.
+
+Semantics follow google-research/vmoe (`get_top_experts_per_item_dispatcher` and
+`get_top_items_per_expert_dispatcher`): all top-1 choices are placed before any top-2
+choice; with Batch Prioritized Routing (BPR) tokens are ordered by their top-1 gate,
+descending, ties keeping position order; a choice that overflowed its expert still
+occupies a position in that expert's running count, so later choices see it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Routing", "compute_capacity", "route", "expert_choice_route", "top_k_gates"]
+
+
+def compute_capacity(
+    group_size: int,
+    num_experts: int,
+    top_k: int = 1,
+    capacity_factor: float = 1.0,
+    multiple_of: int | None = 4,
+) -> int:
+    """Buffer slots per expert: ceil(group_size * top_k * capacity_factor / num_experts),
+    rounded up to a multiple of `multiple_of` (vmoe's `compute_capacity`)."""
+    if group_size < 1 or num_experts < 1 or top_k < 1:
+        raise ValueError(
+            f"compute_capacity needs group_size, num_experts and top_k >= 1; "
+            f"got group_size={group_size}, num_experts={num_experts}, top_k={top_k}"
+        )
+    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(
+            f"capacity_factor must be a positive finite number (or None for dropless routing "
+            f"in SparseMoE); got {capacity_factor!r}"
+        )
+    capacity = math.ceil(group_size * top_k * capacity_factor / num_experts)
+    if capacity < 1:  # pragma: no cover - ceil of a positive number is >= 1
+        raise ValueError(
+            f"capacity_factor={capacity_factor} gives capacity {capacity} for {num_experts} experts "
+            f"and {group_size} tokens; increase capacity_factor"
+        )
+    if multiple_of and multiple_of > 0:
+        capacity += (-capacity) % multiple_of
+    return capacity
+
+
+@dataclass
+class Routing:
+    """Result of top-k routing. All tensors are [..., S, K] (leading G if the gates had it).
+
+    expert_index: chosen expert per (token, choice).
+    slot: position in that expert's buffer, -1 where the choice was dropped (over capacity,
+        masked token, or rejected by GShard random routing).
+    combine_weight: gate value of a kept choice (renormalized if asked), 0 where dropped.
+    """
+
+    expert_index: torch.Tensor
+    slot: torch.Tensor
+    combine_weight: torch.Tensor
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.slot >= 0
+
+
+def _check_gates(gates: torch.Tensor, name: str = "gates") -> torch.Tensor:
+    if gates.ndim not in (2, 3):
+        raise ValueError(f"{name} must be [S, E] or [G, S, E]; got shape {tuple(gates.shape)}")
+    if not gates.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of probabilities; got {gates.dtype}")
+    if not torch.isfinite(gates).all():
+        raise ValueError(
+            f"{name} contain non-finite values (NaN or inf): check the router input and "
+            f"weights, or lower the learning rate"
+        )
+    return gates if gates.ndim == 3 else gates.unsqueeze(0)
+
+
+def top_k_gates(gates_GSE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k gate values and experts, ties broken towards the lower expert index
+    (as jax.lax.top_k does), which `torch.topk` does not promise."""
+    values, index = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
+    return values[..., :top_k], index[..., :top_k]
+
+
+def route(
+    gates: torch.Tensor,
+    top_k: int,
+    capacity: int | None,
+    batch_priority: bool = True,
+    mask: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    renormalize: bool = False,
+) -> Routing:
+    """Top-k experts per token with a per-expert capacity (V-MoE's routing).
+
+    Args:
+        gates: [S, E] or [G, S, E] routing probabilities; each group is routed independently.
+        top_k: experts chosen per token (K).
+        capacity: buffer slots per expert and group; None keeps every choice (dropless).
+        batch_priority: BPR (priority by top-1 gate) instead of priority by position.
+        mask: [S] or [G, S] bool, False for tokens (e.g. text padding) that take no capacity.
+        keep: [S, K] or [G, S, K] bool, False for choices that are not dispatched at all
+            (GShard's random second-expert routing); they take no capacity.
+        renormalize: divide the kept weights of each token by their sum (sum to 1).
+    """
+    squeeze = gates.ndim == 2
+    gates_GSE = _check_gates(gates)
+    G, S, E = gates_GSE.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, num_experts={E}]; got top_k={top_k}")
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"capacity must be >= 1 (or None for dropless); got {capacity}")
+    K = top_k
+    device = gates_GSE.device
+
+    combine_GSK, expert_GSK = top_k_gates(gates_GSE, K)
+    valid_GSK = torch.ones(G, S, K, dtype=torch.bool, device=device)
+    if mask is not None:
+        mask_GS = mask.reshape(G, S) if mask.numel() == G * S else None
+        if mask_GS is None or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)} {mask.dtype}")
+        valid_GSK &= mask_GS.unsqueeze(-1)
+    if keep is not None:
+        if keep.numel() != G * S * K or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor with {G}x{S}x{K} elements; got {tuple(keep.shape)}")
+        valid_GSK &= keep.reshape(G, S, K)
+
+    if batch_priority:
+        # Stable descending sort: equal top-1 gates keep their position order.
+        order_GS = torch.sort(combine_GSK[..., 0], dim=-1, descending=True, stable=True).indices
+        expert_ord_GSK = expert_GSK.gather(1, order_GS.unsqueeze(-1).expand(-1, -1, K))
+        valid_ord_GSK = valid_GSK.gather(1, order_GS.unsqueeze(-1).expand(-1, -1, K))
+    else:
+        expert_ord_GSK, valid_ord_GSK = expert_GSK, valid_GSK
+
+    # K-major flattening puts every top-1 choice ahead of every top-2 choice.
+    expert_GN = expert_ord_GSK.transpose(1, 2).reshape(G, K * S)
+    valid_GN = valid_ord_GSK.transpose(1, 2).reshape(G, K * S)
+    # Running count per expert: [G, N, E] is linear in tokens (no capacity axis).
+    onehot_GNE = torch.zeros(G, K * S, E, dtype=torch.int32, device=device)
+    onehot_GNE.scatter_(2, expert_GN.unsqueeze(-1), valid_GN.to(torch.int32).unsqueeze(-1))
+    position_GN = onehot_GNE.cumsum(dim=1).gather(2, expert_GN.unsqueeze(-1)).squeeze(-1).long() - 1
+    kept_GN = valid_GN if capacity is None else valid_GN & (position_GN < capacity)
+    slot_GN = torch.where(kept_GN, position_GN, torch.full_like(position_GN, -1))
+    slot_ord_GSK = slot_GN.reshape(G, K, S).transpose(1, 2)
+    if batch_priority:
+        slot_GSK = torch.empty_like(slot_ord_GSK)
+        slot_GSK.scatter_(1, order_GS.unsqueeze(-1).expand(-1, -1, K), slot_ord_GSK)
+    else:
+        slot_GSK = slot_ord_GSK.contiguous()
+
+    kept_GSK = slot_GSK >= 0
+    combine_GSK = torch.where(kept_GSK, combine_GSK, torch.zeros_like(combine_GSK))
+    if renormalize:
+        denom_GS1 = combine_GSK.sum(-1, keepdim=True)
+        combine_GSK = combine_GSK / torch.where(denom_GS1 > 0, denom_GS1, torch.ones_like(denom_GS1))
+    out = Routing(expert_GSK, slot_GSK, combine_GSK)
+    if squeeze:
+        out = Routing(out.expert_index[0], out.slot[0], out.combine_weight[0])
+    return out
+
+
+def expert_choice_route(
+    gates: torch.Tensor, capacity: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert Choice routing (Zhou et al. 2022): every expert takes its top-`capacity`
+    tokens by gate value (ties towards the lower position).
+
+    Returns token_index [..., E, C] and combine_weight [..., E, C]; masked tokens are
+    never chosen (their entries get weight 0 and index -1)."""
+    squeeze = gates.ndim == 2
+    gates_GSE = _check_gates(gates)
+    G, S, E = gates_GSE.shape
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1; got {capacity}")
+    C = min(capacity, S)
+    scores_GES = gates_GSE.transpose(1, 2)
+    if mask is not None:
+        if mask.numel() != G * S or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)}")
+        scores_GES = scores_GES.masked_fill(~mask.reshape(G, 1, S), -1.0)
+    values_GEC, token_GEC = torch.sort(scores_GES, dim=-1, descending=True, stable=True)
+    values_GEC, token_GEC = values_GEC[..., :C], token_GEC[..., :C]
+    chosen_GEC = values_GEC >= 0
+    weight_GEC = torch.where(chosen_GEC, gates_GSE.transpose(1, 2).gather(2, token_GEC), 0.0)
+    token_GEC = torch.where(chosen_GEC, token_GEC, torch.full_like(token_GEC, -1))
+    if squeeze:
+        return token_GEC[0], weight_GEC[0]
+    return token_GEC, weight_GEC
