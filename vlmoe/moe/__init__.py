@@ -1,6 +1,6 @@
 """Sparse mixture-of-experts core: routing, experts, auxiliary losses and the SparseMoE layer."""
 from .experts import Experts, grouped_mm_supported
-from .layer import ROUTERS, MoEAux, RoutingOptions, SparseMoE, collect_aux, routing_context
+from .layer import ROUTERS, MoEAux, RoutingOptions, SparseMoE, collect_aux, current_routing_context, routing_context
 from .losses import (
     balance_loss,
     cv_squared,
@@ -14,7 +14,7 @@ from .routing import Routing, compute_capacity, expert_choice_route, route, top_
 
 __all__ = [
     "Experts", "grouped_mm_supported", "ROUTERS", "MoEAux", "RoutingOptions", "SparseMoE",
-    "collect_aux", "routing_context", "balance_loss", "cv_squared", "global_entropy_loss",
+    "collect_aux", "current_routing_context", "routing_context", "balance_loss", "cv_squared", "global_entropy_loss",
     "importance_loss", "load_loss", "local_entropy_loss", "z_loss", "Routing", "compute_capacity",
     "expert_choice_route", "route", "top_k_gates",
 ]

@@ -19,7 +19,7 @@ from . import losses as L
 from .experts import Experts, Implementation
 from .routing import compute_capacity, expert_choice_route, route, top_k_gates
 
-__all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "collect_aux", "ROUTERS"]
+__all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_routing_context", "collect_aux", "ROUTERS"]
 
 RouterName = Literal["topk", "switch", "gshard", "expert_choice"]
 ROUTERS = ("topk", "switch", "gshard", "expert_choice")
@@ -39,6 +39,11 @@ def routing_context(modality: str | None = None, mask: torch.Tensor | None = Non
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def current_routing_context() -> tuple[str | None, torch.Tensor | None]:
+    """(modality, mask) set by the innermost `routing_context`."""
+    return _CONTEXT.get()
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""Named model configs (one JSON per model in configs/), create_model and the tokenizer."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, find_export, load_state_dict_strict, read_state_dict
+from .model import VLMoEModel
+
+__all__ = ["list_models", "get_model_config", "create_model", "dense_baseline", "get_tokenizer", "build_model"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@lru_cache(maxsize=None)
+def _configs() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def list_models() -> list[str]:
+    """Names usable with create_model."""
+    return sorted(_configs())
+
+
+def get_model_config(name: str) -> dict:
+    cfgs = _configs()
+    if name not in cfgs:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(cfgs))}")
+    return copy.deepcopy(cfgs[name])
+
+
+def dense_baseline(name: str) -> str:
+    """The dense CLIP of the same width, depth, patch size and context length as a LIMoE
+    config (limoe-b16-e32 -> clip-b16)."""
+    if name.startswith("clip-"):
+        return name
+    base = re.sub(r"-e\d+$", "", name.replace("limoe-", "clip-", 1))
+    if base not in _configs():
+        raise ValueError(f"{name!r} has no dense baseline config {base!r}")
+    return base
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def build_model(config: dict) -> VLMoEModel:
+    known = {"embed_dim", "vision_cfg", "text_cfg", "moe", "sharing", "quick_gelu", "init_logit_scale", "pad_id"}
+    unknown = set(config) - known
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return VLMoEModel(**config)
+
+
+def create_model(name_or_config: str | dict | Path, pretrained: str | Path | None = None, strict: bool = True, **overrides: Any) -> VLMoEModel:
+    """Build a model by name (see list_models), from a config dict, or from a vlmoe export
+    folder; `overrides` are merged into the config (nested dicts merge key by key, e.g.
+    `moe={"num_experts": 4}`).
+
+    pretrained: a vlmoe export (folder or .safetensors), a Lightning .ckpt from `vlmoe fit`,
+    or a .pt/.bin/.safetensors state dict of the same architecture. Loading is strict unless
+    strict=False (then what was skipped is in `model.load_report`)."""
+    if isinstance(name_or_config, dict):
+        config = copy.deepcopy(name_or_config)
+    elif isinstance(name_or_config, (str, Path)) and name_or_config in _configs():
+        config = get_model_config(str(name_or_config))
+    elif isinstance(name_or_config, (str, Path)) and find_export(name_or_config):
+        config = find_export(name_or_config)[1]
+        pretrained = pretrained or name_or_config
+    else:
+        get_model_config(str(name_or_config))  # raises with the list of known names
+    model = build_model(_merge(config, overrides))
+    if pretrained is not None:
+        path = Path(pretrained)
+        if not path.exists():
+            raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+        prefix = "model." if path.suffix == ".ckpt" else None
+        sd = read_state_dict(path, prefix=prefix)
+        if not sd:
+            raise CheckpointError(f"{path} holds no weights under 'model.' (is it a checkpoint written by vlmoe fit?)")
+        model.load_report = load_state_dict_strict(model, sd, strict=strict, source=str(path))
+    return model
+
+
+def get_tokenizer(model_or_context_length: VLMoEModel | int = 77):
+    """open_clip's BPE tokenizer (bundled with open_clip, no download) for the model's
+    context length; longer texts are truncated with the end-of-text token kept."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    n = model_or_context_length if isinstance(model_or_context_length, int) else model_or_context_length.context_length
+    return SimpleTokenizer(context_length=n)

@@ -1,0 +1,348 @@
+"""LIMoE models: open_clip's CLIP with the MLP of chosen blocks replaced by SparseMoE.
+
+The model *is* an open_clip `CLIP` (a subclass), so its state-dict keys, `encode_image`,
+`encode_text`, `logit_scale` and open_clip's tokenizer, transforms and zero-shot helpers all
+work unchanged. Only the MLP of the MoE blocks differs (`...resblocks.{i}.mlp.router.weight`,
+`...mlp.experts.w1`, ...).
+"""
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
+from ..moe import SparseMoE, collect_aux, current_routing_context, routing_context
+
+__all__ = ["MoEConfig", "VLMoEModel", "TimmImageTower", "resolve_layers", "tower_blocks", "SHARING_MODES"]
+
+Sharing = Literal["none", "moe", "all"]
+SHARING_MODES = ("none", "moe", "all")
+
+
+@dataclass
+class MoEConfig:
+    """Where the MoE layers go and how they route. Field names mirror SparseMoE's."""
+
+    num_experts: int = 8  # E
+    top_k: int = 1  # K
+    capacity_factor: float | None = 1.0  # None: dropless
+    router: str = "topk"  # topk | switch | gshard | expert_choice
+    batch_priority: bool = True  # BPR
+    noise_scale: float | None = None  # router noise std * E (default 1.0 for topk)
+    group_size: int | None = None  # tokens per routing group (default: one group per call)
+    normalize_combine_weights: bool = False  # kept top-k weights sum to 1
+    image_layers: Any = "every:2"  # "every:N", "last:N", "all", "none" or a list of block indices
+    text_layers: Any = "every:2"
+    importance_weight: float | None = None  # None: SparseMoE's default for the router
+    load_weight: float | None = None
+    balance_weight: float | None = None
+    z_loss_weight: float | None = None
+    local_entropy_weight: float | None = None
+    global_entropy_weight: float | None = None
+    global_entropy_threshold: float | None = None
+    image: dict = field(default_factory=dict)  # per-modality overrides (RoutingOptions fields)
+    text: dict = field(default_factory=dict)
+    router_init_std: float | None = None  # None: 1/sqrt(dim); upcycling uses a small value
+    implementation: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict | "MoEConfig" | None) -> "MoEConfig | None":
+        if d is None or isinstance(d, MoEConfig):
+            return d
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MoE config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def layer_kwargs(self) -> dict:
+        kw = {k: getattr(self, k) for k in (
+            "num_experts", "top_k", "capacity_factor", "router", "batch_priority", "noise_scale", "group_size",
+            "normalize_combine_weights", "importance_weight", "load_weight", "balance_weight", "z_loss_weight",
+            "local_entropy_weight", "global_entropy_weight", "global_entropy_threshold", "implementation",
+        )}
+        overrides = {m: dict(o) for m, o in (("image", self.image), ("text", self.text)) if o}
+        kw["modality_overrides"] = overrides or None
+        return kw
+
+
+def resolve_layers(spec: Any, depth: int, what: str = "layers") -> list[int]:
+    """Block indices from a placement spec: "every:N" (blocks N-1, 2N-1, ..., as V-MoE's
+    "every other layer" for N=2), "last:N", "all", "none"/None or an explicit list."""
+    if spec is None or spec == "none":
+        return []
+    if spec == "all":
+        return list(range(depth))
+    if isinstance(spec, str) and ":" in spec:
+        kind, _, n = spec.partition(":")
+        if not n.isdigit() or int(n) < 1 or kind not in ("every", "last"):
+            raise ValueError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
+        n = int(n)
+        if kind == "every":
+            return [i for i in range(depth) if (i + 1) % n == 0]
+        if n > depth:
+            raise ValueError(f"MoE placement {spec!r} for {what} asks for {n} blocks but the tower has {depth}")
+        return list(range(depth - n, depth))
+    if isinstance(spec, (list, tuple)):
+        out = sorted({int(i) for i in spec})
+        bad = [i for i in out if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"MoE layer indices {bad} for {what} are out of range: the tower has {depth} blocks (0..{depth - 1})")
+        return out
+    raise ValueError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
+
+
+class TimmImageTower(nn.Module):
+    """A timm model (e.g. a ViT) as CLIP image tower: pooled features -> linear projection."""
+
+    def __init__(self, model_name: str, output_dim: int, image_size: int | tuple = 224, **timm_kwargs):
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size, **timm_kwargs)
+        self.proj = nn.Linear(self.trunk.num_features, output_dim, bias=False)
+        self.image_size = image_size if isinstance(image_size, tuple) else (image_size, image_size)
+
+    def forward(self, x):
+        return self.proj(self.trunk(x))
+
+    def set_grad_checkpointing(self, enable=True):
+        self.trunk.set_grad_checkpointing(enable)
+
+
+def tower_blocks(module: nn.Module) -> list[nn.Module]:
+    """Transformer blocks of an open_clip Transformer/VisionTransformer or a timm ViT."""
+    for path in ("transformer.resblocks", "resblocks", "trunk.blocks", "blocks"):
+        obj = module
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return list(obj)
+    raise TypeError(f"don't know where the transformer blocks of {type(module).__name__} are")
+
+
+def mlp_shape(mlp: nn.Module) -> tuple[int, int, type[nn.Module]]:
+    """(dim, hidden_dim, activation class) of an open_clip or timm MLP, or of a SparseMoE."""
+    if isinstance(mlp, SparseMoE):
+        return mlp.dim, mlp.hidden_dim, type(mlp.experts.act)
+    if hasattr(mlp, "c_fc"):  # open_clip
+        return mlp.c_fc.in_features, mlp.c_fc.out_features, type(mlp.gelu)
+    if hasattr(mlp, "fc1"):  # timm Mlp
+        return mlp.fc1.in_features, mlp.fc1.out_features, type(mlp.act)
+    raise TypeError(f"unsupported MLP type {type(mlp).__name__}")
+
+
+def _block_weight_dtype(block) -> torch.dtype:
+    return next(block.parameters()).dtype
+
+
+def install_moe(blocks: list[nn.Module], layers: list[int], make_moe, existing: list[SparseMoE] | None = None) -> list[SparseMoE]:
+    """Replace `block.mlp` of the chosen blocks with SparseMoE (new, or `existing` ones to
+    share). Returns the installed layers in order."""
+    out = []
+    for j, i in enumerate(layers):
+        block = blocks[i]
+        dim, hidden, act = mlp_shape(block.mlp)
+        if existing is not None:
+            moe = existing[j]
+            if (moe.dim, moe.hidden_dim) != (dim, hidden):
+                raise ValueError(
+                    f"cannot share MoE layer {j} between towers: image block has dim={moe.dim}, hidden={moe.hidden_dim} "
+                    f"but text block {i} has dim={dim}, hidden={hidden}; use equal widths and mlp ratios or sharing='none'"
+                )
+        else:
+            moe = make_moe(dim, hidden, act)
+        block.mlp = moe
+        if hasattr(block, "get_weight_dtype"):
+            # open_clip asks block 0's `mlp.c_fc` for the cast dtype; a SparseMoE has none.
+            block.get_weight_dtype = types.MethodType(_block_weight_dtype, block)
+        out.append(moe)
+    return out
+
+
+class VLMoEModel(CLIP):
+    """open_clip CLIP with sparse MoE layers and per-modality routing.
+
+    Args:
+        embed_dim: joint embedding width.
+        vision_cfg: open_clip CLIPVisionCfg fields, or {"timm_model_name": ..., "image_size": ...,
+            "timm_kwargs": {...}} for a timm image tower.
+        text_cfg: open_clip CLIPTextCfg fields.
+        moe: MoEConfig fields; None builds the dense CLIP baseline.
+        sharing: "none" (each tower its own MoE layers), "moe" (the MoE layer at each MoE
+            depth shared by both towers) or "all" (LIMoE's single tower for both modalities).
+        quick_gelu, init_logit_scale: as in open_clip.
+        pad_id: text token id of padding (open_clip's tokenizer pads with 0).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        vision_cfg: dict,
+        text_cfg: dict,
+        moe: dict | MoEConfig | None = None,
+        sharing: Sharing = "none",
+        quick_gelu: bool = False,
+        init_logit_scale: float = 2.6592600369644043,  # ln(1/0.07)
+        pad_id: int = 0,
+    ):
+        if sharing not in SHARING_MODES:
+            raise ValueError(f"unknown sharing mode {sharing!r}; choose one of {SHARING_MODES}")
+        vision_cfg, text_cfg = dict(vision_cfg), dict(text_cfg)
+        timm_name = vision_cfg.get("timm_model_name")
+        _check_keys(vision_cfg, set(CLIPVisionCfg.__dataclass_fields__) | {"timm_kwargs"}, "vision_cfg")
+        _check_keys(text_cfg, set(CLIPTextCfg.__dataclass_fields__), "text_cfg")
+        if timm_name:
+            # Build a throwaway 1-block tower for CLIP.__init__, then put the timm tower in.
+            base_vision = CLIPVisionCfg(layers=1, width=64, head_width=32, patch_size=16, image_size=vision_cfg.get("image_size", 224))
+        else:
+            base_vision = CLIPVisionCfg(**vision_cfg)
+        super().__init__(embed_dim, base_vision, CLIPTextCfg(**text_cfg), quick_gelu=quick_gelu, init_logit_scale=init_logit_scale, output_dict=True)
+        if timm_name:
+            self.visual = TimmImageTower(timm_name, embed_dim, vision_cfg.get("image_size", 224), **vision_cfg.get("timm_kwargs", {}))
+        self.config = {
+            "embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg,
+            "moe": asdict(MoEConfig.from_dict(moe)) if moe is not None else None,
+            "sharing": sharing, "quick_gelu": quick_gelu, "pad_id": pad_id,
+        }
+        self.sharing, self.pad_id = sharing, pad_id
+        self.moe_config = MoEConfig.from_dict(moe)
+
+        image_blocks, text_blocks = tower_blocks(self.visual), tower_blocks(self.transformer)
+        if sharing == "all":
+            if timm_name:
+                raise ValueError("sharing='all' needs open_clip towers on both sides (a timm image tower has its own block type); use sharing='moe' or 'none'")
+            mismatch = {k: (vision_cfg.get(k), text_cfg.get(k)) for k in ("width", "layers") if vision_cfg.get(k) != text_cfg.get(k)}
+            if self.visual.transformer.resblocks[0].attn.num_heads != self.transformer.resblocks[0].attn.num_heads:
+                mismatch["heads"] = (self.visual.transformer.resblocks[0].attn.num_heads, self.transformer.resblocks[0].attn.num_heads)
+            if mismatch:
+                raise ValueError(f"sharing='all' runs text through the image transformer, so these must match (image, text): {mismatch}")
+            self.transformer = self.visual.transformer
+            text_blocks = image_blocks
+
+        self.image_moe_layers: list[int] = []
+        self.text_moe_layers: list[int] = []
+        cfg = self.moe_config
+        if cfg is not None:
+            kw = cfg.layer_kwargs()
+
+            def make(dim, hidden, act):
+                m = SparseMoE(dim, hidden, act_layer=act, **kw)
+                if cfg.router_init_std is not None:
+                    nn.init.normal_(m.router.weight, std=cfg.router_init_std)
+                return m
+
+            self.image_moe_layers = resolve_layers(cfg.image_layers, len(image_blocks), "the image tower")
+            image_moes = install_moe(image_blocks, self.image_moe_layers, make)
+            if sharing == "all":
+                self.text_moe_layers = list(self.image_moe_layers)
+            else:
+                self.text_moe_layers = resolve_layers(cfg.text_layers, len(text_blocks), "the text tower")
+                shared = None
+                if sharing == "moe":
+                    if len(self.text_moe_layers) != len(self.image_moe_layers):
+                        raise ValueError(
+                            f"sharing='moe' pairs the towers' MoE layers in order, but the image tower has "
+                            f"{len(self.image_moe_layers)} ({self.image_moe_layers}) and the text tower "
+                            f"{len(self.text_moe_layers)} ({self.text_moe_layers}); give both the same count"
+                        )
+                    shared = image_moes
+                install_moe(text_blocks, self.text_moe_layers, make, existing=shared)
+
+    # -- the open_clip surface --------------------------------------------------------
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.visual.image_size)
+
+    def check_images(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or tuple(image.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images must be [B, C, {self.image_size[0]}, {self.image_size[1]}] for this model; got "
+                f"{tuple(image.shape)}. Preprocess with open_clip's transforms for image_size={self.image_size}"
+            )
+
+    def prepare_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Tokens longer than the context are truncated as open_clip's tokenizer does (the
+        last kept token becomes the end-of-text token)."""
+        if text.ndim != 2:
+            raise ValueError(f"text must be token ids [B, L]; got shape {tuple(text.shape)}")
+        if text.shape[1] > self.context_length:
+            eot = text.max(dim=1).values  # the end-of-text id is the largest id in each row
+            text = text[:, : self.context_length].clone()
+            cut = text.max(dim=1).values < eot
+            text[cut, -1] = eot[cut]
+        elif text.shape[1] < self.context_length:
+            text = F.pad(text, (0, self.context_length - text.shape[1]), value=self.pad_id)
+        return text
+
+    def encode_image(self, image, normalize: bool = False):
+        self.check_images(image)
+        with routing_context("image"):
+            return super().encode_image(image, normalize=normalize)
+
+    def encode_text(self, text, normalize: bool = False):
+        text = self.prepare_text(text)
+        with routing_context("text", text != self.pad_id):
+            return super().encode_text(text, normalize=normalize)
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict:
+        """Normalized features, logit scale (exp'd, as open_clip) and the MoE auxiliary terms:
+        `aux_loss` (weighted sum over layers and modalities) and `moe_metrics` (per layer and
+        modality, for logging)."""
+        for m in self.moe_layers():
+            m.aux.clear()
+        out = super().forward(image, text)
+        out["aux_loss"], out["moe_metrics"] = collect_aux(self)
+        return out
+
+    def moe_layers(self) -> list[SparseMoE]:
+        """Distinct SparseMoE modules (a shared one once)."""
+        seen, out = set(), []
+        for m in self.modules():
+            if isinstance(m, SparseMoE) and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+        return out
+
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing per block. open_clip's own checkpointing would recompute
+        the blocks in backward outside the routing context (text routed without its padding
+        mask); here each block re-enters the context it ran in."""
+        blocks = tower_blocks(self.visual) + ([] if self.sharing == "all" else tower_blocks(self.transformer))
+        for block in blocks:
+            if enable:
+                block.forward = types.MethodType(_checkpointed_forward, block)
+            else:
+                block.__dict__.pop("forward", None)
+
+    def dense_twin_config(self) -> dict:
+        cfg = copy.deepcopy(self.config)
+        cfg["moe"] = None
+        return cfg
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    ctx = current_routing_context()
+    forward = type(self).forward
+
+    def run(*a):
+        with routing_context(*ctx):
+            return forward(self, *a, **kwargs)
+
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+def _check_keys(d: dict, known: set, what: str) -> None:
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {sorted(unknown)}; known: {sorted(known)}")

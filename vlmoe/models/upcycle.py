@@ -1,0 +1,203 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): dense checkpoints -> MoE models whose experts
+all start as copies of the dense MLP they replace, with a router initialised near zero.
+
+With dropless routing (capacity_factor=None) and renormalised combine weights the upcycled
+model computes exactly what the dense one did, whatever the router says.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.model import CLIP
+from open_clip.transformer import LayerScale, QuickGELU, VisionTransformer
+from torch import nn
+
+from ..moe import SparseMoE
+from .checkpoint import load_state_dict_strict, read_state_dict
+from .factory import _configs, build_model
+from .model import install_moe, mlp_shape, resolve_layers, tower_blocks
+
+__all__ = ["upcycle_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp"]
+
+
+def _dense_mlp_tensors(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """(w1 [D, H], b1, w2 [H, D], b2) of an open_clip (c_fc/c_proj) or timm (fc1/fc2) MLP."""
+    for first, second in (("c_fc", "c_proj"), ("fc1", "fc2")):
+        if f"{prefix}.{first}.weight" in sd:
+            out = {
+                "w1": sd.pop(f"{prefix}.{first}.weight").t(),
+                "w2": sd.pop(f"{prefix}.{second}.weight").t(),
+            }
+            for b, name in (("b1", first), ("b2", second)):
+                if f"{prefix}.{name}.bias" in sd:
+                    out[b] = sd.pop(f"{prefix}.{name}.bias")
+            return out
+    raise KeyError(f"no dense MLP weights under {prefix!r} (looked for c_fc/c_proj and fc1/fc2)")
+
+
+def experts_from_mlp(sd: dict, prefix: str, num_experts: int, router_weight: torch.Tensor) -> None:
+    """In-place on a state dict: replace the dense MLP under `prefix` by E expert copies and
+    the given router weight."""
+    dense = _dense_mlp_tensors(sd, prefix)
+    for name, t in dense.items():
+        sd[f"{prefix}.experts.{name}"] = t.unsqueeze(0).repeat(num_experts, *([1] * t.ndim)).contiguous()
+    sd[f"{prefix}.router.weight"] = router_weight.detach().clone()
+
+
+def infer_open_clip_config(model: CLIP) -> dict:
+    """Rebuild the config of a standard open_clip CLIP (ViT image tower, transformer text
+    tower) from its modules. Anything it cannot express shows up as a strict-loading error."""
+    if type(model) is not CLIP or not isinstance(model.visual, VisionTransformer):
+        raise TypeError(
+            f"can only infer the config of an open_clip CLIP with a ViT image tower; got {type(model).__name__} "
+            f"with {type(model.visual).__name__}. Pass model_config= (an open_clip model name or a config dict)"
+        )
+    if getattr(model, "logit_bias", None) is not None:
+        raise TypeError("SigLIP-style models (logit_bias) are not supported")
+    v, t = model.visual, model.transformer
+
+    def tower(tr):
+        b0 = tr.resblocks[0]
+        return dict(width=tr.width, layers=tr.layers, mlp_ratio=b0.mlp.c_fc.out_features / tr.width,
+                    ls_init_value=1e-5 if isinstance(b0.ls_1, LayerScale) else None), b0.attn.num_heads
+
+    vt, vheads = tower(v.transformer)
+    tt, theads = tower(t)
+    vision_cfg = dict(vt, head_width=vt["width"] // vheads, patch_size=v.patch_size[0], image_size=v.image_size[0],
+                      no_ln_pre=isinstance(v.ln_pre, nn.Identity), pool_type=v.pool_type,
+                      final_ln_after_pool=v.final_ln_after_pool)
+    text_cfg = dict(tt, heads=theads, context_length=model.context_length, vocab_size=model.vocab_size,
+                    pool_type=model.text_pool_type)
+    embed_dim = v.proj.shape[1] if v.proj is not None else vt["width"]
+    quick = isinstance(v.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg, "quick_gelu": quick}
+
+
+def _open_clip_config(model_config: str | dict) -> dict:
+    if isinstance(model_config, dict):
+        return copy.deepcopy(model_config)
+    if model_config in _configs():
+        cfg = copy.deepcopy(_configs()[model_config])
+        cfg.pop("moe", None)
+        return cfg
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_config)
+    if cfg is None:
+        raise ValueError(f"unknown model config {model_config!r}: not a vlmoe name and not an open_clip model name")
+    if cfg.get("custom_text") or "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ValueError(f"open_clip model {model_config!r} has a custom/HF text tower; only CLIP-style towers are supported")
+    return {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+
+
+def upcycle_open_clip(
+    clip_model_or_checkpoint_path: CLIP | str | Path,
+    num_experts: int = 8,
+    moe_layers: Any = "every:2",
+    text_moe_layers: Any | None = None,
+    top_k: int = 1,
+    capacity_factor: float | None = None,
+    normalize_combine_weights: bool = True,
+    model_config: str | dict | None = None,
+    router_init_std: float = 1e-3,
+    **moe_kwargs: Any,
+):
+    """An open_clip CLIP (model or checkpoint) -> a LIMoE VLMoEModel by sparse upcycling.
+
+    Args:
+        clip_model_or_checkpoint_path: an open_clip `CLIP`, or a .pt/.bin/.safetensors file
+            (a `state_dict` key and a `module.` prefix are handled).
+        num_experts, top_k, capacity_factor, normalize_combine_weights: MoE settings; the
+            defaults (dropless, renormalised) reproduce the dense model exactly.
+        moe_layers, text_moe_layers: placement for the image and text towers ("every:2",
+            "last:N", a list, ...); text defaults to the image placement.
+        model_config: needed with a checkpoint path: an open_clip model name (e.g.
+            "ViT-B-16"), a vlmoe dense config name (e.g. "clip-b16") or a config dict.
+            With a model object it is inferred from the modules when not given.
+        router_init_std: the router starts near zero (normal with this std).
+        moe_kwargs: further MoEConfig fields (router, batch_priority, loss weights, ...).
+    """
+    if isinstance(clip_model_or_checkpoint_path, nn.Module):
+        src = clip_model_or_checkpoint_path
+        config = _open_clip_config(model_config) if model_config is not None else infer_open_clip_config(src)
+        sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    else:
+        if model_config is None:
+            raise ValueError(
+                "upcycling a checkpoint file needs model_config=: the open_clip model name it was trained as "
+                "(e.g. 'ViT-B-16'), a vlmoe dense config name (e.g. 'clip-b16') or a config dict"
+            )
+        config = _open_clip_config(model_config)
+        sd = read_state_dict(clip_model_or_checkpoint_path)
+    if config.get("sharing", "none") != "none":
+        raise ValueError("upcycling builds two towers with their own experts (sharing='none'): the dense towers have different MLPs")
+    config["sharing"] = "none"
+    config["moe"] = dict(
+        num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+        normalize_combine_weights=normalize_combine_weights, image_layers=moe_layers,
+        text_layers=moe_layers if text_moe_layers is None else text_moe_layers,
+        router_init_std=router_init_std, **moe_kwargs,
+    )
+    model = build_model(config)
+    own = model.state_dict()
+    for tower_prefix, layers in (("visual.transformer.resblocks", model.image_moe_layers), ("transformer.resblocks", model.text_moe_layers)):
+        if model.visual.__class__.__name__ == "TimmImageTower" and tower_prefix.startswith("visual"):
+            tower_prefix = "visual.trunk.blocks"
+        for i in layers:
+            p = f"{tower_prefix}.{i}.mlp"
+            experts_from_mlp(sd, p, num_experts, own[f"{p}.router.weight"])
+    load_state_dict_strict(model, sd, strict=True, source="dense open_clip weights")
+    return model
+
+
+def upcycle_timm_vit(
+    vit_or_checkpoint: nn.Module | str | Path,
+    num_experts: int = 8,
+    moe_layers: Any = "every:2",
+    model_name: str | None = None,
+    top_k: int = 1,
+    capacity_factor: float | None = None,
+    normalize_combine_weights: bool = True,
+    router_init_std: float = 1e-3,
+    timm_kwargs: dict | None = None,
+    **moe_kwargs: Any,
+) -> nn.Module:
+    """A timm Vision Transformer (model, or checkpoint + `model_name`) -> the same ViT with
+    the MLP of the chosen blocks upcycled into SparseMoE (a V-MoE). Put it into a LIMoE model
+    with a timm image tower via `model.visual.trunk.load_state_dict(vit.state_dict(), strict=False)`
+    (the classifier head is the only difference)."""
+    if isinstance(vit_or_checkpoint, nn.Module):
+        vit = copy.deepcopy(vit_or_checkpoint)
+    else:
+        if model_name is None:
+            raise ValueError("upcycling a timm checkpoint file needs model_name= (the timm architecture, e.g. 'vit_base_patch16_224')")
+        import timm
+
+        vit = timm.create_model(model_name, pretrained=False, **(timm_kwargs or {}))
+        load_state_dict_strict(vit, read_state_dict(vit_or_checkpoint), source=str(vit_or_checkpoint))
+    blocks = tower_blocks(vit)
+    layers = resolve_layers(moe_layers, len(blocks), "the ViT")
+    dense = [copy.deepcopy(blocks[i].mlp) for i in layers]
+
+    def make(dim, hidden, act):
+        m = SparseMoE(dim, hidden, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                      normalize_combine_weights=normalize_combine_weights, act_layer=act, **moe_kwargs)
+        nn.init.normal_(m.router.weight, std=router_init_std)
+        return m
+
+    for mlp in dense:
+        if getattr(mlp, "norm", nn.Identity()).__class__ is not nn.Identity or not isinstance(getattr(mlp, "drop1", nn.Identity()), (nn.Dropout, nn.Identity)):
+            raise TypeError("only plain timm Mlp blocks (no inner norm) can be upcycled")
+        mlp_shape(mlp)
+    moes = install_moe(blocks, layers, make)
+    with torch.no_grad():
+        for moe, mlp in zip(moes, dense):
+            moe.experts.w1.copy_(mlp.fc1.weight.t().unsqueeze(0).expand_as(moe.experts.w1))
+            moe.experts.w2.copy_(mlp.fc2.weight.t().unsqueeze(0).expand_as(moe.experts.w2))
+            if moe.experts.b1 is not None:
+                moe.experts.b1.copy_(mlp.fc1.bias.unsqueeze(0).expand_as(moe.experts.b1))
+                moe.experts.b2.copy_(mlp.fc2.bias.unsqueeze(0).expand_as(moe.experts.b2))
+    return vit
