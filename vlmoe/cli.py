@@ -4,7 +4,38 @@ from __future__ import annotations
 import argparse
 import json
 
-__all__ = ["info_main"]
+__all__ = ["info_main", "cli_main", "VLMoECLI"]
+
+
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class VLMoECLI(LightningCLI):
+        """`vlmoe fit|validate|test --config ...`: LIMoEModule + ClipDataModule, with the
+        data's image size and context length taken from `--model.model_name`."""
+
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments("model.model_name", "data.init_args.model_name" if self.subclass_mode_data else "data.model_name")
+
+    return VLMoECLI
+
+
+def cli_main(args: list[str] | None = None, run: bool = True):
+    """Entry point of the `vlmoe` console script; `args` lets tests call it in-process."""
+    from .data import ClipDataModule
+    from .train import LIMoEModule
+
+    return _cli_class()(
+        LIMoEModule, ClipDataModule, args=args, run=run, seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"max_steps": 1000, "log_every_n_steps": 10},
+    )
+
+
+def __getattr__(name):
+    if name == "VLMoECLI":
+        return _cli_class()
+    raise AttributeError(name)
 
 
 def info_main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,137 @@
+"""LightningDataModule for image-text shards in img2dataset's layout."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import open_clip
+from torch.utils.data import DataLoader
+
+from ..models.checkpoint import find_export
+from ..models.factory import get_model_config
+from .pipeline import collate, make_dataset
+from .shards import count_samples, expand_shards
+from .text import load_classnames, load_templates
+
+__all__ = ["ClipDataModule", "model_input_spec"]
+
+log = logging.getLogger("vlmoe.data")
+
+
+def model_input_spec(model_name: str) -> tuple[int, int]:
+    """(image_size, context_length) of a named model or an export folder."""
+    export = find_export(model_name) if Path(str(model_name)).exists() else None
+    cfg = export[1] if export else get_model_config(model_name)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size), int(cfg["text_cfg"].get("context_length", 77))
+
+
+class ClipDataModule(L.LightningDataModule):
+    """Image-text shards for contrastive training, retrieval validation and zero-shot
+    classification.
+
+    Args:
+        train_shards: brace-expanded shard URLs (`data/train-{000000..000099}.tar`, sources
+            joined with `::`, `pipe:` commands allowed); samples as img2dataset writes them.
+        val_shards: held-out image-text shards for retrieval metrics (optional).
+        zeroshot_shards: labelled shards (`cls`) for zero-shot classification (optional).
+        test_shards, zeroshot_test_shards: the same for `vlmoe test`.
+        classnames: class-names file (one per line, in label order) or a built-in set
+            ("digits", "imagenet").
+        templates: templates file (one per line with `{}`) or a built-in set ("digits",
+            "openai_imagenet", "simple_imagenet").
+        model_name: the model the data is for (image size, context length); linked to
+            `model.model_name` by the CLI.
+        batch_size: per-device training batch size.
+        val_batch_size: per-device evaluation batch size (default: batch_size).
+        num_workers: DataLoader workers per device.
+        samples_per_epoch: training samples per epoch, all devices together.
+        shuffle_buffer: training shuffle buffer (samples per worker).
+        seed: data seed (shard resampling and shuffling).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        zeroshot_shards: str | None = None,
+        test_shards: str | None = None,
+        zeroshot_test_shards: str | None = None,
+        classnames: str | None = None,
+        templates: str | None = None,
+        model_name: str = "limoe-tiny",
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        samples_per_epoch: int = 100_000,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.save_hyperparameters()
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.image_size, self.context_length = model_input_spec(model_name)
+        # Everything a user can get wrong about the data is checked here, before any work.
+        self.urls = {}
+        for name, spec in (("train", train_shards), ("val", val_shards), ("zeroshot", zeroshot_shards),
+                           ("test", test_shards), ("zeroshot_test", zeroshot_test_shards)):
+            if spec:
+                self.urls[name] = expand_shards(spec, f"{name} shards")
+        for name in ("val", "zeroshot", "test", "zeroshot_test"):
+            if name in self.urls:
+                n = count_samples(self.urls[name])
+                if n is not None and n < self.val_batch_size:
+                    raise ValueError(
+                        f"val_batch_size={self.val_batch_size} is larger than the {n} samples in the {name} shards; "
+                        f"lower --data.val_batch_size (or --data.batch_size)"
+                    )
+        self.classnames = self.templates = None
+        if "zeroshot" in self.urls or "zeroshot_test" in self.urls:
+            if not classnames or not templates:
+                raise ValueError("zero-shot shards need --data.classnames and --data.templates (files or built-in names)")
+            self.classnames, self.templates = load_classnames(classnames), load_templates(templates)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        self.train_transform = open_clip.image_transform(self.image_size, is_train=True)
+        self.eval_transform = open_clip.image_transform(self.image_size, is_train=False)
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _loader(self, ds, batch_size, train):
+        return DataLoader(
+            ds, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
+            drop_last=train, persistent_workers=False, pin_memory=False,
+        )
+
+    def train_dataloader(self):
+        if "train" not in self.urls:
+            raise ValueError("fit needs training shards: pass --data.train_shards")
+        per_worker = max(1, self.samples_per_epoch // (self._world() * max(1, self.num_workers)))
+        # A resumed run continues with fresh shard draws instead of replaying the first ones.
+        step = self.trainer.global_step if self.trainer is not None else 0
+        ds = make_dataset(self.urls["train"], self.train_transform, self.tokenizer, train=True,
+                          shuffle_buffer=self.shuffle_buffer, seed=self.seed + step, samples_per_worker=per_worker)
+        return self._loader(ds, self.batch_size, train=True)
+
+    def _eval_loaders(self, retrieval: str, zeroshot: str):
+        loaders = []
+        if retrieval in self.urls:
+            loaders.append(self._loader(make_dataset(self.urls[retrieval], self.eval_transform, self.tokenizer, train=False), self.val_batch_size, False))
+        if zeroshot in self.urls:
+            loaders.append(self._loader(make_dataset(self.urls[zeroshot], self.eval_transform, None, train=False, need_text=False, need_label=True), self.val_batch_size, False))
+        return loaders
+
+    def val_dataloader(self):
+        return self._eval_loaders("val", "zeroshot")
+
+    def test_dataloader(self):
+        loaders = self._eval_loaders("test", "zeroshot_test")
+        if not loaders:
+            raise ValueError("test needs --data.test_shards and/or --data.zeroshot_test_shards")
+        return loaders

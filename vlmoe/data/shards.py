@@ -1,0 +1,123 @@
+"""Shard URLs (brace expansion, several sources joined with '::', local paths and pipe:),
+sample counting and writing shards in img2dataset's layout."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+from webdataset.shardlists import expand_urls
+
+__all__ = ["expand_shards", "count_samples", "ShardWriter", "IMAGE_KEYS", "read_lines"]
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _local_path(url: str) -> Path:
+    return Path(url[len("file:"):] if url.startswith("file:") else url)
+
+
+def expand_shards(spec: str | list[str], what: str = "shards") -> list[str]:
+    """Expand `data/train-{000000..000099}.tar::other/{0..9}.tar` into URLs and check that
+    local ones exist, so a typo fails at once with the missing names."""
+    if isinstance(spec, (list, tuple)):
+        urls = [u for s in spec for u in expand_urls(s)]
+    else:
+        urls = expand_urls(spec or "")
+    urls = [u for u in urls if u.strip()]
+    if not urls:
+        raise ValueError(f"no {what}: {spec!r} expands to an empty list")
+    missing = [u for u in urls if _is_local(u) and not _local_path(u).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} {what} not found: {shown}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Number of samples (distinct keys) in local tar shards, from the tar headers only;
+    None if any shard is remote (unknown without reading it)."""
+    if not all(_is_local(u) for u in urls):
+        return None
+    total = 0
+    for u in urls:
+        keys = set()
+        try:
+            with tarfile.open(_local_path(u)) as tar:
+                for member in tar:
+                    name = Path(member.name)
+                    if member.isfile() and "." in name.name:  # webdataset's key: up to the first dot
+                        keys.add(str(name.parent / name.name.split(".", 1)[0]))
+        except (tarfile.TarError, OSError):
+            continue  # unreadable shard: reported by the pipeline when it gets there
+        total += len(keys)
+    return total
+
+
+class ShardWriter:
+    """Writes samples as img2dataset does: `{key}.jpg`, `{key}.txt`, optional `{key}.json`
+    and `{key}.cls`, into numbered tar shards of at most `max_count` samples."""
+
+    def __init__(self, pattern: str, max_count: int = 10_000):
+        if "%" not in pattern:
+            raise ValueError(f"shard pattern needs a %d-style field for the shard number, e.g. out/train-%06d.tar; got {pattern!r}")
+        self.pattern, self.max_count = pattern, max_count
+        self.shard, self.count, self.total = 0, 0, 0
+        self.tar: tarfile.TarFile | None = None
+        self.paths: list[str] = []
+
+    def _next(self):
+        self.close()
+        path = self.pattern % self.shard
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.tar = tarfile.open(path, "w")
+        self.paths.append(path)
+        self.shard += 1
+        self.count = 0
+
+    def write(self, key: str, image_bytes: bytes, caption: str | None = None, label: int | None = None,
+              meta: dict | None = None, image_ext: str = "jpg") -> None:
+        if self.tar is None or self.count >= self.max_count:
+            self._next()
+        files = {image_ext: image_bytes}
+        if caption is not None:
+            files["txt"] = caption.encode("utf-8")
+        if label is not None:
+            files["cls"] = str(int(label)).encode()
+        if meta is not None:
+            files["json"] = json.dumps(meta).encode()
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0  # reproducible shards
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+        self.total += 1
+
+    def close(self):
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{what} file {p} is empty")
+    return lines

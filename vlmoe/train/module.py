@@ -1,0 +1,260 @@
+"""Contrastive training of LIMoE / CLIP models with Lightning."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from open_clip.loss import ClipLoss
+
+from ..eval.retrieval import retrieval_metrics
+from ..eval.zeroshot import build_classifier, topk_correct
+from ..models.factory import create_model
+from .pictures import routing_picture
+
+__all__ = ["LIMoEModule", "FinalCheckpoint"]
+
+
+class FinalCheckpoint(Callback):
+    """Writes `last.ckpt` when fit ends, however it ends (max_steps, max_epochs, interrupt),
+    next to the periodic checkpoints."""
+
+    def on_train_end(self, trainer, pl_module):
+        ckpt = trainer.checkpoint_callback
+        dirpath = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        trainer.save_checkpoint(dirpath / "last.ckpt")
+
+
+def _gather_rows(module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    """all_gather for tensors whose first dim differs across ranks."""
+    if module.trainer is None or module.trainer.world_size == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = module.all_gather(n).flatten().tolist()
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    gathered = module.all_gather(padded)
+    return torch.cat([gathered[r, :s] for r, s in enumerate(sizes)])
+
+
+class LIMoEModule(L.LightningModule):
+    """Contrastive (CLIP) training with the MoE auxiliary and LIMoE entropy losses.
+
+    Args:
+        model_name: a name from `vlmoe.list_models()` or an export folder.
+        model_overrides: config overrides merged into the named config (e.g.
+            {"moe": {"num_experts": 4}}).
+        pretrained: weights to start from (export, Lightning .ckpt, state dict).
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay; none on norms, biases, embeddings and logit scale.
+        betas, eps: AdamW.
+        warmup_steps: linear warmup, then cosine decay to `min_lr_ratio * lr` at max_steps.
+        min_lr_ratio: final learning rate as a fraction of `lr`.
+        aux_loss_weight: multiplies the (already weighted) MoE auxiliary losses.
+        grad_checkpointing: activation checkpointing per transformer block.
+        checkpoint_every_n_steps: periodic checkpoints (plus `last.ckpt` at the end of fit).
+        moe_log_every_n_steps: per-layer/per-modality expert load every this many steps
+            (default: the trainer's log_every_n_steps).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "limoe-tiny",
+        model_overrides: dict | None = None,
+        pretrained: str | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        aux_loss_weight: float = 1.0,
+        grad_checkpointing: bool = False,
+        checkpoint_every_n_steps: int = 1000,
+        moe_log_every_n_steps: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model_name, pretrained=pretrained, **(model_overrides or {}))
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
+        self.skipped_samples = 0
+        self._t_batch = None
+        self.last_routing_picture: Path | None = None
+
+    # -- setup ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size
+        # local loss + gather with grad: each rank's loss covers its rows against the global
+        # batch, and DDP's gradient average equals the single-process global-batch gradient.
+        self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=self.global_rank, world_size=world)
+
+    def configure_callbacks(self):
+        return [
+            ModelCheckpoint(filename="step{step:07d}", every_n_train_steps=self.hparams.checkpoint_every_n_steps,
+                            save_top_k=-1, auto_insert_metric_name=False),
+            FinalCheckpoint(),
+        ]
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            exclude = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias") or ".ln" in name or "norm" in name
+            (no_decay if exclude else decay).append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- training -------------------------------------------------------------------------
+    def forward(self, images, texts):
+        return self.model(images, texts)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t_batch = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        self.skipped_samples += int(batch["skipped"])
+        out = self.model(batch["image"], batch["text"])
+        clip_loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = clip_loss + self.hparams.aux_loss_weight * out["aux_loss"]
+        bs = batch["image"].shape[0]
+        self.log_dict({"train/loss": loss, "train/clip_loss": clip_loss, "train/aux_loss": out["aux_loss"],
+                       "train/logit_scale": out["logit_scale"]}, prog_bar=True, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self.log("data/skipped_samples", float(self.skipped_samples), reduce_fx="sum", sync_dist=False, batch_size=bs)
+        every = self.hparams.moe_log_every_n_steps or self.trainer.log_every_n_steps
+        if out["moe_metrics"] and self.global_step % max(1, every) == 0:
+            self.log_dict(self._moe_scalars(out["moe_metrics"]), batch_size=bs)
+        return loss
+
+    @staticmethod
+    def _moe_scalars(metrics: dict) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in metrics.items():
+            if k.endswith(("tokens_per_expert", "mean_gate")):
+                continue
+            if v.ndim == 0:
+                out[k] = v.float()
+            else:  # expert_load: one scalar per expert
+                for e, x in enumerate(v):
+                    out[f"{k}/e{e}"] = x.float()
+        return out
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
+            self.model.logit_scale.clamp_(0, math.log(100))
+        if self._t_batch is not None:
+            dt = time.perf_counter() - self._t_batch
+            self.log("perf/samples_per_sec", batch["image"].shape[0] * self.trainer.world_size / max(dt, 1e-9), batch_size=1)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _eval_start(self):
+        self._feats = {"image": [], "text": []}
+        self._zs = {"n": 0, 1: 0, 5: 0}
+        self._routing = {}
+        self._classifier = None
+        dm = self.trainer.datamodule
+        if dm is not None and getattr(dm, "classnames", None):
+            self._classifier = build_classifier(self.model, dm.tokenizer, dm.classnames, dm.templates, device=self.device)
+
+    def _record_routing(self):
+        for i, m in enumerate(self.model.moe_layers()):
+            for modality, aux in m.aux.items():
+                key = (i, modality or "all")
+                counts = aux.stats["tokens_per_expert"].detach()
+                self._routing[key] = self._routing.get(key, 0) + counts
+
+    def _eval_step(self, batch):
+        if "image" not in batch:
+            return
+        self.skipped_samples += int(batch["skipped"])
+        if "text" in batch:
+            out = self.model(batch["image"], batch["text"])
+            self._feats["image"].append(out["image_features"].float())
+            self._feats["text"].append(out["text_features"].float())
+        elif "label" in batch:
+            if self._classifier is None:
+                raise ValueError("labelled (zero-shot) shards need class names and templates in the data module")
+            for m in self.model.moe_layers():
+                m.aux.clear()
+            feats = self.model.encode_image(batch["image"], normalize=True)
+            hits = topk_correct(feats.float() @ self._classifier.float(), batch["label"])
+            self._zs["n"] += batch["label"].numel()
+            self._zs[1] += hits[1]
+            self._zs[5] += hits[5]
+        self._record_routing()
+
+    def _eval_end(self, prefix: str):
+        metrics = {}
+        if self._feats["image"]:
+            img = _gather_rows(self, torch.cat(self._feats["image"]))
+            txt = _gather_rows(self, torch.cat(self._feats["text"]))
+            metrics.update({f"{prefix}/{k}": v for k, v in retrieval_metrics(img, txt).items()})
+            metrics[f"{prefix}/retrieval_n"] = float(img.shape[0])
+        zs = torch.tensor([self._zs["n"], self._zs[1], self._zs[5]], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            zs = self.all_gather(zs).sum(0)
+        if zs[0] > 0:
+            metrics[f"{prefix}/zeroshot_top1"] = float(zs[1] / zs[0])
+            metrics[f"{prefix}/zeroshot_top5"] = float(zs[2] / zs[0])
+            metrics[f"{prefix}/zeroshot_n"] = float(zs[0])
+        metrics[f"{prefix}/skipped_samples"] = float(self.skipped_samples)
+        if metrics:
+            self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
+        self._write_routing_picture(prefix)
+
+    def _write_routing_picture(self, prefix: str):
+        if not self._routing:
+            return
+        keys = sorted(self._routing)
+        counts = torch.stack([self._routing[k].float() for k in keys])
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(counts).sum(0)
+        if self.global_rank != 0:
+            return
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "routing"
+        path = log_dir / f"{prefix}_step{self.global_step:07d}.png"
+        fig = routing_picture(counts.cpu(), [f"MoE {i} {m}" for i, m in keys], title=f"{prefix} routing at step {self.global_step}", path=path)
+        self.last_routing_picture = path
+        logger = self.logger
+        if logger is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
+            logger.experiment.add_figure(f"{prefix}/routing", fig, self.global_step)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    def on_validation_epoch_start(self):
+        self._eval_start()
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def on_test_epoch_start(self):
+        self._eval_start()
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
