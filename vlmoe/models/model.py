@@ -8,7 +8,7 @@ work unchanged. Only the MLP of the MoE blocks differs (`...resblocks.{i}.mlp.ro
 from __future__ import annotations
 
 import copy
-import types
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -163,7 +163,7 @@ def install_moe(blocks: list[nn.Module], layers: list[int], make_moe, existing: 
         block.mlp = moe
         if hasattr(block, "get_weight_dtype"):
             # open_clip asks block 0's `mlp.c_fc` for the cast dtype; a SparseMoE has none.
-            block.get_weight_dtype = types.MethodType(_block_weight_dtype, block)
+            block.get_weight_dtype = functools.partial(_block_weight_dtype, block)
         out.append(moe)
     return out
 
@@ -319,7 +319,7 @@ class VLMoEModel(CLIP):
         blocks = tower_blocks(self.visual) + ([] if self.sharing == "all" else tower_blocks(self.transformer))
         for block in blocks:
             if enable:
-                block.forward = types.MethodType(_checkpointed_forward, block)
+                block.forward = functools.partial(_checkpointed_forward, block)
             else:
                 block.__dict__.pop("forward", None)
 

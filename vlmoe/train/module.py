@@ -105,14 +105,14 @@ class LIMoEModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            exclude = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias") or ".ln" in name or "norm" in name
+            exclude = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith((".bias", "experts.b1", "experts.b2")) or ".ln" in name or "norm" in name
             (no_decay if exclude else decay).append(p)
         hp = self.hparams
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        total = max(1, int(self._trainer.estimated_stepping_batches)) if self._trainer is not None else 1
 
         def schedule(step: int) -> float:
             if step < hp.warmup_steps:
