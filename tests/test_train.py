@@ -195,3 +195,45 @@ def test_logit_scale_is_clamped_and_no_decay_groups():
 
 def names_id(module, name):
     return id(dict(module.model.named_parameters())[name])
+
+
+def test_make_shards_and_export_scripts(tmp_path, shards):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from vlmoe.data import count_samples, expand_shards
+
+    images = tmp_path / "imgs"
+    (images / "red_thing").mkdir(parents=True)
+    (images / "blue_thing").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (200, 0, 0)).save(images / "red_thing" / f"{i}.png")
+        Image.new("RGB", (20, 20), (0, 0, 200)).save(images / "blue_thing" / f"{i}.jpg")
+    (tmp_path / "caps.csv").write_text("image,caption\nred_thing/0.png,a red thing\nblue_thing/1.jpg,a blue thing\n")
+    (tmp_path / "caps.jsonl").write_text('{"image": "red_thing/2.png", "caption": "red again"}\n')
+    run = lambda *a: subprocess.run([sys.executable, *a], check=True, capture_output=True, text=True)  # noqa: E731
+    run("scripts/make_shards.py", "captions", "--images", str(images), "--captions", str(tmp_path / "caps.csv"), "--out", str(tmp_path / "pairs" / "p-%06d.tar"), "--max-count", "1")
+    run("scripts/make_shards.py", "captions", "--images", str(images), "--captions", str(tmp_path / "caps.jsonl"), "--out", str(tmp_path / "pairs2" / "p-%06d.tar"))
+    run("scripts/make_shards.py", "classes", "--images", str(images), "--out", str(tmp_path / "cls" / "c-%06d.tar"))
+    assert count_samples(expand_shards(str(tmp_path / "pairs" / "p-{000000..000001}.tar"))) == 2
+    assert (tmp_path / "cls" / "classnames.txt").read_text().split("\n")[:2] == ["blue thing", "red thing"]
+    dm = ClipDataModule(zeroshot_shards=str(tmp_path / "cls" / "c-000000.tar"), classnames=str(tmp_path / "cls" / "classnames.txt"),
+                        templates="digits", batch_size=2, num_workers=0)
+    labels = torch.cat([b["label"] for b in dm.val_dataloader()[0]])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+    cli = cli_main(fit_args(shards, tmp_path / "run", steps=1, extra=['--model.model_overrides={"moe": {"num_experts": 4}}']))
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    run("scripts/export.py", str(ckpt), str(tmp_path / "export"))
+    model = vlmoe.create_model(str(tmp_path / "export"))
+    assert model.moe_layers()[0].num_experts == 4
+    for k, v in cli.model.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_bf16_mixed_and_grad_checkpointing_fit(shards, tmp_path):
+    cli = cli_main(fit_args(shards, tmp_path, steps=2, extra=["--trainer.precision=bf16-mixed", "--model.grad_checkpointing=true"]))
+    assert cli.trainer.global_step == 2
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))

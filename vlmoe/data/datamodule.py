@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import open_clip
 from torch.utils.data import DataLoader
 
-from ..models.checkpoint import find_export
-from ..models.factory import get_model_config
+from ..models.factory import resolve_config
 from .pipeline import collate, make_dataset
 from .shards import count_samples, expand_shards
 from .text import load_classnames, load_templates
@@ -21,8 +19,7 @@ log = logging.getLogger("vlmoe.data")
 
 def model_input_spec(model_name: str) -> tuple[int, int]:
     """(image_size, context_length) of a named model or an export folder."""
-    export = find_export(model_name) if Path(str(model_name)).exists() else None
-    cfg = export[1] if export else get_model_config(model_name)
+    cfg = resolve_config(model_name)
     size = cfg["vision_cfg"].get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
     return int(size), int(cfg["text_cfg"].get("context_length", 77))

@@ -11,7 +11,7 @@ from typing import Any
 from .checkpoint import CheckpointError, find_export, load_state_dict_strict, read_state_dict
 from .model import VLMoEModel
 
-__all__ = ["list_models", "get_model_config", "create_model", "dense_baseline", "get_tokenizer", "build_model"]
+__all__ = ["list_models", "get_model_config", "resolve_config", "create_model", "dense_baseline", "get_tokenizer", "build_model"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -54,6 +54,20 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def resolve_config(name_or_config: str | dict | Path, **overrides: Any) -> dict:
+    """The config dict of a model name, an export folder (its config.json) or a dict, with
+    `overrides` merged in."""
+    if isinstance(name_or_config, dict):
+        config = copy.deepcopy(name_or_config)
+    elif str(name_or_config) in _configs():
+        config = get_model_config(str(name_or_config))
+    elif find_export(name_or_config):
+        config = find_export(name_or_config)[1]
+    else:
+        get_model_config(str(name_or_config))  # raises with the list of known names
+    return _merge(config, overrides)
+
+
 def build_model(config: dict) -> VLMoEModel:
     known = {"embed_dim", "vision_cfg", "text_cfg", "moe", "sharing", "quick_gelu", "init_logit_scale", "pad_id"}
     unknown = set(config) - known
@@ -70,16 +84,10 @@ def create_model(name_or_config: str | dict | Path, pretrained: str | Path | Non
     pretrained: a vlmoe export (folder or .safetensors), a Lightning .ckpt from `vlmoe fit`,
     or a .pt/.bin/.safetensors state dict of the same architecture. Loading is strict unless
     strict=False (then what was skipped is in `model.load_report`)."""
-    if isinstance(name_or_config, dict):
-        config = copy.deepcopy(name_or_config)
-    elif isinstance(name_or_config, (str, Path)) and name_or_config in _configs():
-        config = get_model_config(str(name_or_config))
-    elif isinstance(name_or_config, (str, Path)) and find_export(name_or_config):
-        config = find_export(name_or_config)[1]
-        pretrained = pretrained or name_or_config
-    else:
-        get_model_config(str(name_or_config))  # raises with the list of known names
-    model = build_model(_merge(config, overrides))
+    config = resolve_config(name_or_config, **overrides)
+    if pretrained is None and not isinstance(name_or_config, dict) and str(name_or_config) not in _configs():
+        pretrained = name_or_config  # an export folder (resolve_config found its config.json)
+    model = build_model(config)
     if pretrained is not None:
         path = Path(pretrained)
         if not path.exists():
