@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import vlmoe
-from vlmoe.models.factory import resolve_config
+from vlmoe.models.factory import load_model
 
 
 def export(ckpt: str, out: str) -> str:
-    meta = torch.load(ckpt, map_location="cpu", weights_only=True)  # untrusted: tensors and plain data only
-    hp = meta.get("hyper_parameters") or {}
-    name = hp.get("model_name")
-    if not name:
-        raise ValueError(f"{ckpt} has no model_name in its hyper-parameters: was it written by `vlmoe fit`?")
-    config = resolve_config(name, **(hp.get("model_overrides") or {}))
-    model = vlmoe.create_model(config, pretrained=ckpt)
+    model = load_model(ckpt)  # reads model_name and overrides from the checkpoint's hyper-parameters
     return str(vlmoe.save_pretrained(model, out))
 
 

@@ -16,9 +16,10 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     target = torch.arange(n, device=sim.device)
     out = {}
     for name, s in (("image_to_text", sim), ("text_to_image", sim.t())):
-        # rank of the true partner = how many candidates score strictly higher
+        # rank of the true partner, ties counted against it: duplicate captions (common in
+        # small sets) must not inflate recall
         true = s.gather(1, target[:, None])
-        rank = (s > true).sum(1)
+        rank = (s >= true).sum(1) - 1
         for k in ks:
             out[f"{name}_R@{k}"] = float((rank < k).float().mean()) if n else 0.0
     return out

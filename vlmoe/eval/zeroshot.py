@@ -7,7 +7,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from ..data.text import load_classnames, load_templates
 
-__all__ = ["load_classnames", "load_templates", "build_classifier", "topk_correct"]
+__all__ = ["load_classnames", "load_templates", "build_classifier", "topk_correct", "evaluate_zeroshot"]
 
 
 @torch.no_grad()
@@ -28,3 +28,33 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     top = logits.topk(min(max(ks), num_classes), dim=1).indices
     hits = top == labels.unsqueeze(1)
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, batches, classifier: torch.Tensor, num_classes: int | None = None, progress=None) -> dict:
+    """Top-1/top-5 accuracy (fractions) and per-class accuracy of `model` over `batches`
+    ({"image", "label", "skipped"} dicts). `progress` wraps the iterable (e.g. tqdm)."""
+    device = classifier.device
+    C = classifier.shape[1]
+    n = top1 = top5 = skipped = 0
+    per_class_hits = torch.zeros(C, dtype=torch.long)
+    per_class_n = torch.zeros(C, dtype=torch.long)
+    for batch in progress(batches) if progress else batches:
+        skipped += int(batch.get("skipped", 0))
+        if "image" not in batch:
+            continue
+        labels = batch["label"].to(device)
+        feats = model.encode_image(batch["image"].to(device), normalize=True)
+        logits = feats.float() @ classifier.float()
+        hits = topk_correct(logits, labels)
+        n, top1, top5 = n + labels.numel(), top1 + hits[1], top5 + hits[5]
+        correct = (logits.argmax(1) == labels).long().cpu()
+        per_class_n += torch.bincount(labels.cpu(), minlength=C)
+        per_class_hits += torch.bincount(labels.cpu(), weights=correct, minlength=C).long()
+    if n == 0:
+        raise ValueError("no labelled images were read: check the data path and that the shards have `cls` labels")
+    return {
+        "top1": top1 / n, "top5": top5 / n, "n": n, "skipped": skipped,
+        "per_class": (per_class_hits.float() / per_class_n.clamp_min(1)).tolist(),
+        "per_class_n": per_class_n.tolist(),
+    }

@@ -11,7 +11,7 @@ from typing import Any
 from .checkpoint import CheckpointError, find_export, load_state_dict_strict, read_state_dict
 from .model import VLMoEModel
 
-__all__ = ["list_models", "get_model_config", "resolve_config", "create_model", "dense_baseline", "get_tokenizer", "build_model"]
+__all__ = ["list_models", "get_model_config", "resolve_config", "create_model", "load_model", "dense_baseline", "get_tokenizer", "build_model"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -98,6 +98,41 @@ def create_model(name_or_config: str | dict | Path, pretrained: str | Path | Non
             raise CheckpointError(f"{path} holds no weights under 'model.' (is it a checkpoint written by vlmoe fit?)")
         model.load_report = load_state_dict_strict(model, sd, strict=strict, source=str(path))
     return model
+
+
+def load_model(spec: str | Path, strict: bool = True) -> VLMoEModel:
+    """Any model a user may point at: a vlmoe export (folder or .safetensors with config.json),
+    a Lightning .ckpt written by `vlmoe fit`, an open_clip checkpoint as `ARCH@PATH` (e.g.
+    `ViT-B-32@open_clip_model.safetensors`, ARCH an open_clip or vlmoe dense config name),
+    or a model name (randomly initialised)."""
+    spec = str(spec)
+    if "@" in spec and not Path(spec).exists():
+        arch, _, path = spec.partition("@")
+        from .upcycle import _open_clip_config
+
+        config = _open_clip_config(arch)
+        model = build_model(config)
+        model.load_report = load_state_dict_strict(model, read_state_dict(path), strict=strict, source=path)
+        return model
+    path = Path(spec)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        from .checkpoint import _torch_load
+
+        hp = (_torch_load(path) or {}).get("hyper_parameters") or {}
+        if "model_name" not in hp:
+            raise CheckpointError(f"{path} is not a checkpoint written by `vlmoe fit` (no model_name in its hyper-parameters)")
+        return create_model(resolve_config(hp["model_name"], **(hp.get("model_overrides") or {})), pretrained=path, strict=strict)
+    if spec in _configs() or find_export(spec):
+        return create_model(spec, strict=strict)
+    if path.exists():
+        raise CheckpointError(
+            f"don't know how to load {path}: expected a vlmoe export (folder or .safetensors with config.json), "
+            f"a .ckpt from vlmoe fit, or ARCH@PATH for an open_clip checkpoint"
+        )
+    get_model_config(spec)  # raises with the known names
+    raise AssertionError("unreachable")
 
 
 def get_tokenizer(model_or_context_length: VLMoEModel | int = 77):
