@@ -28,3 +28,36 @@ def test_vlmoe_info_json():
     rows = json.loads(buf.getvalue())
     assert set(rows) == {"limoe-tiny", "clip-tiny"}
     assert rows["limoe-tiny"]["total_params"] > rows["clip-tiny"]["total_params"]
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_demo_code_path_shortened(tmp_path, capsys):
+    results = _load_script("demo").main(["--steps", "3", "--batch-size", "8", "--out", str(tmp_path), "--num-workers", "0"])
+    assert [r["model"] for r in results] == ["limoe-tiny", "clip-tiny"]
+    for r in results:
+        assert 0 <= r["zeroshot_top1"] <= 1 and r["samples_per_sec"] > 0
+    assert results[0]["total_params"] > results[1]["total_params"]
+    assert set(results[0]["expert_usage"]) == {"image", "text"} and not results[1]["expert_usage"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| limoe-tiny |" in table and "| clip-tiny |" in table
+    assert (tmp_path / "routing_limoe-tiny.png").stat().st_size > 1000
+    assert "| limoe-tiny |" in capsys.readouterr().out
+
+
+def test_compare_report_is_resumable(tmp_path):
+    compare = _load_script("compare")
+    args = ["--seeds", "0", "--steps", "2", "--batch-size", "8", "--variants", "clip-tiny", "limoe-tiny, BPR, cf 0.5",
+            "--out", str(tmp_path), "--num-workers", "0"]
+    runs = compare.main(args)
+    assert len(runs) == 2 and {r["model"] for r in runs} == {"clip-tiny", "limoe-tiny, BPR, cf 0.5"}
+    assert "+-" in (tmp_path / "table.md").read_text()
+    again = compare.main(args)  # nothing re-run: both runs are in runs.jsonl
+    assert [r["fit_seconds"] for r in again] == [r["fit_seconds"] for r in runs]

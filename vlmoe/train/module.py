@@ -85,6 +85,7 @@ class LIMoEModule(L.LightningModule):
         self.skipped_samples = 0
         self._t_batch = None
         self.last_routing_picture: Path | None = None
+        self.routing_counts: dict[tuple[int, str], torch.Tensor] = {}  # from the last evaluation
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -228,6 +229,7 @@ class LIMoEModule(L.LightningModule):
         counts = torch.stack([self._routing[k].float() for k in keys])
         if self.trainer.world_size > 1:
             counts = self.all_gather(counts).sum(0)
+        self.routing_counts = {k: c.cpu() for k, c in zip(keys, counts)}
         if self.global_rank != 0:
             return
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "routing"
