@@ -24,14 +24,17 @@ BUILTIN_TEMPLATES["openai_imagenet"] = _template_strings(OPENAI_IMAGENET_TEMPLAT
 BUILTIN_TEMPLATES["simple_imagenet"] = _template_strings(SIMPLE_IMAGENET_TEMPLATES)
 
 
+def _load_list(spec: str | list[str], builtins: dict[str, list[str]], what: str) -> list[str]:
+    if isinstance(spec, list):
+        return list(spec)
+    if spec in builtins and not Path(spec).exists():
+        return list(builtins[spec])
+    return read_lines(spec, what)
+
+
 def load_classnames(spec: str | list[str]) -> list[str]:
     """A class-names file (one per line, in label order) or a built-in set name."""
-    if isinstance(spec, list):
-        names = spec
-    elif spec in BUILTIN_CLASSNAMES and not Path(spec).exists():
-        names = list(BUILTIN_CLASSNAMES[spec])
-    else:
-        names = read_lines(spec, "class-names")
+    names = _load_list(spec, BUILTIN_CLASSNAMES, "class-names")
     if len(set(names)) != len(names):
         raise ValueError(f"class names in {spec} are not unique")
     return names
@@ -39,12 +42,7 @@ def load_classnames(spec: str | list[str]) -> list[str]:
 
 def load_templates(spec: str | list[str]) -> list[str]:
     """A templates file (one per line, `{}` where the class name goes) or a built-in set."""
-    if isinstance(spec, list):
-        templates = spec
-    elif spec in BUILTIN_TEMPLATES and not Path(spec).exists():
-        templates = list(BUILTIN_TEMPLATES[spec])
-    else:
-        templates = read_lines(spec, "templates")
+    templates = _load_list(spec, BUILTIN_TEMPLATES, "templates")
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"templates need '{{}}' where the class name goes; these have none: {bad[:5]}")

@@ -300,7 +300,8 @@ class VLMoEModel(CLIP):
         for m in self.moe_layers():
             m.aux.clear()
         out = super().forward(image, text)
-        out["aux_loss"], out["moe_metrics"] = collect_aux(self)
+        aux, out["moe_metrics"] = collect_aux(self)
+        out["aux_loss"] = aux.to(out["logit_scale"].device)  # a dense model's 0 stays on the right device
         return out
 
     def moe_layers(self) -> list[SparseMoE]:

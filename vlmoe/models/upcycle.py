@@ -18,7 +18,7 @@ from torch import nn
 from ..moe import SparseMoE
 from .checkpoint import load_state_dict_strict, read_state_dict
 from .factory import _configs, build_model
-from .model import install_moe, mlp_shape, resolve_layers, tower_blocks
+from .model import install_moe, resolve_layers, tower_blocks
 
 __all__ = ["upcycle_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp"]
 
@@ -178,9 +178,13 @@ def upcycle_timm_vit(
 
         vit = timm.create_model(model_name, pretrained=False, **(timm_kwargs or {}))
         load_state_dict_strict(vit, read_state_dict(vit_or_checkpoint), source=str(vit_or_checkpoint))
+    dense_sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
     blocks = tower_blocks(vit)
     layers = resolve_layers(moe_layers, len(blocks), "the ViT")
-    dense = [copy.deepcopy(blocks[i].mlp) for i in layers]
+    for i in layers:
+        mlp = blocks[i].mlp
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise TypeError(f"block {i}: only plain timm Mlp blocks (no inner norm) can be upcycled")
 
     def make(dim, hidden, act):
         m = SparseMoE(dim, hidden, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
@@ -188,16 +192,9 @@ def upcycle_timm_vit(
         nn.init.normal_(m.router.weight, std=router_init_std)
         return m
 
-    for mlp in dense:
-        if getattr(mlp, "norm", nn.Identity()).__class__ is not nn.Identity or not isinstance(getattr(mlp, "drop1", nn.Identity()), (nn.Dropout, nn.Identity)):
-            raise TypeError("only plain timm Mlp blocks (no inner norm) can be upcycled")
-        mlp_shape(mlp)
-    moes = install_moe(blocks, layers, make)
-    with torch.no_grad():
-        for moe, mlp in zip(moes, dense):
-            moe.experts.w1.copy_(mlp.fc1.weight.t().unsqueeze(0).expand_as(moe.experts.w1))
-            moe.experts.w2.copy_(mlp.fc2.weight.t().unsqueeze(0).expand_as(moe.experts.w2))
-            if moe.experts.b1 is not None:
-                moe.experts.b1.copy_(mlp.fc1.bias.unsqueeze(0).expand_as(moe.experts.b1))
-                moe.experts.b2.copy_(mlp.fc2.bias.unsqueeze(0).expand_as(moe.experts.b2))
+    install_moe(blocks, layers, make)
+    own = vit.state_dict()
+    for i in layers:
+        experts_from_mlp(dense_sd, f"blocks.{i}.mlp", num_experts, own[f"blocks.{i}.mlp.router.weight"])
+    load_state_dict_strict(vit, dense_sd, source="dense timm weights")
     return vit
