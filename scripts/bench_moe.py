@@ -148,6 +148,25 @@ def bench(tokens=4096, dim=256, hidden=1024, experts=(8, 32), top_ks=(1, 2), rep
     return rows, ds_error
 
 
+def memory_scaling(dim=256, hidden=1024, E=8, tokens=(1024, 2048, 4096, 8192)):
+    """Activation memory kept for backward at growing token counts: SparseMoE's grows
+    linearly, the one-hot einsum's quadratically (its [T, E, C] tensors, C ~ T/E)."""
+    rows = []
+    for T in tokens:
+        x = torch.randn(1, T, dim, requires_grad=True)
+        moe = SparseMoE(dim, hidden, E).train()
+        row = [T]
+        for mod in (moe, OneHotEinsumMoE(SparseMoE(dim, hidden, E, batch_priority=False))):
+            with saved_bytes(list(mod.parameters()) + [x]) as b:
+                mod(x)
+            row.append(b[0] / 2**20)
+        rows.append(row)
+    lines = [f"Activation MiB for backward, E={E} top-1, d={dim}, h={hidden}:", "",
+             "| tokens | vlmoe | one-hot einsum |", "|---|---|---|"]
+    lines += [f"| {T} | {a:.1f} | {b:.1f} |" for T, a, b in rows]
+    return "\n".join(lines)
+
+
 def format_table(rows, tokens, dim, hidden) -> str:
     lines = [
         f"tokens={tokens}, d={dim}, h={hidden}, float32, capacity_factor=1.0, BPR; "
@@ -170,9 +189,12 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--memory-scaling", action="store_true", help="also print activation memory at 1k-8k tokens")
     a = p.parse_args(argv)
     rows, ds_error = bench(a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.reps, not a.no_deepspeed)
     print(format_table(rows, a.tokens, a.dim, a.hidden))
+    if a.memory_scaling:
+        print("\n" + memory_scaling(a.dim, a.hidden))
     if ds_error:
         print(f"\nDeepSpeed MoE: {ds_error}")
     return rows

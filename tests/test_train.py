@@ -240,3 +240,13 @@ def test_bf16_mixed_and_grad_checkpointing_fit(shards, tmp_path):
     cli = cli_main(fit_args(shards, tmp_path, steps=2, extra=["--trainer.precision=bf16-mixed", "--model.grad_checkpointing=true"]))
     assert cli.trainer.global_step == 2
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+def test_unreadable_shard_is_reported_by_name(shards, tmp_path, caplog):
+    broken = tmp_path / "broken-000000.tar"
+    broken.write_bytes(b"definitely not a tar archive" * 50)
+    dm = ClipDataModule(val_shards=f"{shards['val']}::{broken}", batch_size=8, num_workers=0)
+    with caplog.at_level("WARNING", logger="vlmoe.data"):
+        n = sum(b["image"].shape[0] for b in dm.val_dataloader()[0] if "image" in b)
+    assert n == 24
+    assert any(str(broken) in r.getMessage() for r in caplog.records)
