@@ -35,10 +35,11 @@ def get_model_config(name: str) -> dict:
 
 def dense_baseline(name: str) -> str:
     """The dense CLIP of the same width, depth, patch size and context length as a LIMoE
-    config (limoe-b16-e32 -> clip-b16)."""
+    config (limoe-b16-e32 -> clip-b16, limoe-tiny-widenet -> clip-tiny)."""
     if name.startswith("clip-"):
         return name
-    base = re.sub(r"-e\d+$", "", name.replace("limoe-", "clip-", 1))
+    # variants of a LIMoE config (expert count, WideNet, Mixtral routing) share its baseline
+    base = re.sub(r"(-e\d+|-widenet|-mixtral)$", "", name.replace("limoe-", "clip-", 1))
     if base not in _configs():
         raise ValueError(f"{name!r} has no dense baseline config {base!r}")
     return base

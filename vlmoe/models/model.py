@@ -50,6 +50,10 @@ class MoEConfig:
     text: dict = field(default_factory=dict)
     router_init_std: float | None = None  # None: 1/sqrt(dim); upcycling uses a small value
     implementation: str = "auto"
+    gate: str = "softmax"  # softmax (V-MoE) | topk_softmax (Mixtral: weights over the top-k sum to 1)
+    expert_type: str = "mlp"  # mlp (the block's activation) | swiglu
+    expert_hidden_dim: int | None = None  # None: the dense MLP's hidden width
+    share_across_depth: bool = False  # WideNet: one MoE layer for all MoE depths of a tower
 
     @classmethod
     def from_dict(cls, d: dict | "MoEConfig" | None) -> "MoEConfig | None":
@@ -66,6 +70,7 @@ class MoEConfig:
             "num_experts", "top_k", "capacity_factor", "router", "batch_priority", "noise_scale", "group_size",
             "normalize_combine_weights", "importance_weight", "load_weight", "balance_weight", "z_loss_weight",
             "local_entropy_weight", "global_entropy_weight", "global_entropy_threshold", "implementation",
+            "gate", "expert_type",
         )}
         overrides = {m: dict(o) for m, o in (("image", self.image), ("text", self.text)) if o}
         kw["modality_overrides"] = overrides or None
@@ -132,7 +137,7 @@ def tower_blocks(module: nn.Module) -> list[nn.Module]:
 def mlp_shape(mlp: nn.Module) -> tuple[int, int, type[nn.Module]]:
     """(dim, hidden_dim, activation class) of an open_clip or timm MLP, or of a SparseMoE."""
     if isinstance(mlp, SparseMoE):
-        return mlp.dim, mlp.hidden_dim, type(mlp.experts.act)
+        return mlp.dim, getattr(mlp, "block_hidden_dim", mlp.hidden_dim), type(mlp.experts.act)
     if hasattr(mlp, "c_fc"):  # open_clip
         return mlp.c_fc.in_features, mlp.c_fc.out_features, type(mlp.gelu)
     if hasattr(mlp, "fc1"):  # timm Mlp
@@ -144,22 +149,27 @@ def _block_weight_dtype(block) -> torch.dtype:
     return next(block.parameters()).dtype
 
 
-def install_moe(blocks: list[nn.Module], layers: list[int], make_moe, existing: list[SparseMoE] | None = None) -> list[SparseMoE]:
-    """Replace `block.mlp` of the chosen blocks with SparseMoE (new, or `existing` ones to
-    share). Returns the installed layers in order."""
+def install_moe(blocks: list[nn.Module], layers: list[int], make_moe, existing: list[SparseMoE] | None = None,
+                share_across_depth: bool = False) -> list[SparseMoE]:
+    """Replace `block.mlp` of the chosen blocks with SparseMoE (new, `existing` ones to share
+    between towers, or with `share_across_depth` one for all chosen blocks, as WideNet).
+    Returns the installed layers in order."""
     out = []
     for j, i in enumerate(layers):
         block = blocks[i]
         dim, hidden, act = mlp_shape(block.mlp)
-        if existing is not None:
-            moe = existing[j]
-            if (moe.dim, moe.hidden_dim) != (dim, hidden):
+        if existing is not None or (share_across_depth and out):
+            moe = existing[j] if existing is not None else out[0]
+            if (moe.dim, moe.block_hidden_dim) != (dim, hidden):
+                what = "between towers" if existing is not None else "across depths"
                 raise ValueError(
-                    f"cannot share MoE layer {j} between towers: image block has dim={moe.dim}, hidden={moe.hidden_dim} "
-                    f"but text block {i} has dim={dim}, hidden={hidden}; use equal widths and mlp ratios or sharing='none'"
+                    f"cannot share MoE layer {j} {what}: it was built for dim={moe.dim}, hidden={moe.block_hidden_dim} "
+                    f"but block {i} has dim={dim}, hidden={hidden}; use equal widths and mlp ratios or don't share"
                 )
+            moe.record_every_call = moe.record_every_call or existing is None
         else:
             moe = make_moe(dim, hidden, act)
+            moe.block_hidden_dim = hidden
         block.mlp = moe
         if hasattr(block, "get_weight_dtype"):
             # open_clip asks block 0's `mlp.c_fc` for the cast dtype; a SparseMoE has none.
@@ -235,27 +245,28 @@ class VLMoEModel(CLIP):
             kw = cfg.layer_kwargs()
 
             def make(dim, hidden, act):
-                m = SparseMoE(dim, hidden, act_layer=act, **kw)
+                m = SparseMoE(dim, cfg.expert_hidden_dim or hidden, act_layer=act, **kw)
                 if cfg.router_init_std is not None:
                     nn.init.normal_(m.router.weight, std=cfg.router_init_std)
                 return m
 
             self.image_moe_layers = resolve_layers(cfg.image_layers, len(image_blocks), "the image tower")
-            image_moes = install_moe(image_blocks, self.image_moe_layers, make)
+            depth = cfg.share_across_depth
+            image_moes = install_moe(image_blocks, self.image_moe_layers, make, share_across_depth=depth)
             if sharing == "all":
                 self.text_moe_layers = list(self.image_moe_layers)
             else:
                 self.text_moe_layers = resolve_layers(cfg.text_layers, len(text_blocks), "the text tower")
                 shared = None
                 if sharing == "moe":
-                    if len(self.text_moe_layers) != len(self.image_moe_layers):
+                    if len(self.text_moe_layers) != len(self.image_moe_layers) and not depth:
                         raise ValueError(
                             f"sharing='moe' pairs the towers' MoE layers in order, but the image tower has "
                             f"{len(self.image_moe_layers)} ({self.image_moe_layers}) and the text tower "
                             f"{len(self.text_moe_layers)} ({self.text_moe_layers}); give both the same count"
                         )
-                    shared = image_moes
-                install_moe(text_blocks, self.text_moe_layers, make, existing=shared)
+                    shared = image_moes if not depth else [image_moes[0]] * len(self.text_moe_layers)
+                install_moe(text_blocks, self.text_moe_layers, make, existing=shared, share_across_depth=depth)
 
     # -- the open_clip surface --------------------------------------------------------
     @property
@@ -283,13 +294,21 @@ class VLMoEModel(CLIP):
             text = F.pad(text, (0, self.context_length - text.shape[1]), value=self.pad_id)
         return text
 
+    def _reset_aux(self, modality: str) -> None:
+        """Drop the previous records of this modality (a depth-shared layer keeps one per call)."""
+        for m in self.moe_layers():
+            for k in [k for k in m.aux if k == modality or str(k).startswith(f"{modality}#")]:
+                del m.aux[k]
+
     def encode_image(self, image, normalize: bool = False):
         self.check_images(image)
+        self._reset_aux("image")
         with routing_context("image"):
             return super().encode_image(image, normalize=normalize)
 
     def encode_text(self, text, normalize: bool = False):
         text = self.prepare_text(text)
+        self._reset_aux("text")
         with routing_context("text", text != self.pad_id):
             return super().encode_text(text, normalize=normalize)
 
@@ -298,7 +317,7 @@ class VLMoEModel(CLIP):
         `aux_loss` (weighted sum over layers and modalities) and `moe_metrics` (per layer and
         modality, for logging)."""
         for m in self.moe_layers():
-            m.aux.clear()
+            m.aux.clear()  # an image-only or text-only call reports only its modality
         out = super().forward(image, text)
         aux, out["moe_metrics"] = collect_aux(self)
         out["aux_loss"] = aux.to(out["logit_scale"].device)  # a dense model's 0 stays on the right device

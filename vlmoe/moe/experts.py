@@ -43,17 +43,28 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     return False
 
 
+class _SwiGLU(nn.Module):
+    """silu(gate) * up, with gate and up the two halves of the first projection."""
+
+    def forward(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class Experts(nn.Module):
-    """E GELU MLPs with stacked weights: w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D].
+    """E MLPs with stacked weights: w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D].
 
     Each expert computes `act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`, i.e. timm's `Mlp` /
-    open_clip's MLP with `fc1.weight = w1[e].T`.
+    open_clip's MLP with `fc1.weight = w1[e].T`. With expert_type="swiglu" (Mixtral, LLaMA)
+    w1 is [E, D, 2H], its first H columns the gate and the rest the up projection:
+    `(silu(x @ gate) * (x @ up)) @ w2`.
 
     Args:
         num_experts: E.
         dim: model width D (input and output).
         hidden_dim: expert hidden width H.
         act_layer: activation module class (nn.GELU as in timm / open_clip).
+        expert_type: "mlp" (act_layer MLP) or "swiglu" (gated SiLU; act_layer unused).
         bias: whether the two projections have biases.
         implementation: how ragged token lists are computed: "grouped_mm" (one kernel per
             projection), "loop" (a readable per-expert loop, the reference) or "auto"
@@ -69,17 +80,22 @@ class Experts(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
         implementation: Implementation = "auto",
+        expert_type: Literal["mlp", "swiglu"] = "mlp",
     ):
         super().__init__()
         if implementation not in ("auto", "bmm", "grouped_mm", "loop"):
             raise ValueError(f"implementation must be 'auto', 'bmm', 'grouped_mm' or 'loop'; got {implementation!r}")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.implementation = implementation
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        if expert_type not in ("mlp", "swiglu"):
+            raise ValueError(f"expert_type must be 'mlp' or 'swiglu'; got {expert_type!r}")
+        self.expert_type = expert_type
+        first = 2 * hidden_dim if expert_type == "swiglu" else hidden_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, first))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
-        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, first)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
-        self.act = act_layer()
+        self.act = _SwiGLU() if expert_type == "swiglu" else act_layer()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -93,7 +109,8 @@ class Experts(nn.Module):
                 nn.init.uniform_(b, -bound, bound)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, implementation={self.implementation}"
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+                f"expert_type={self.expert_type}, implementation={self.implementation}")
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
@@ -103,7 +120,7 @@ class Experts(nn.Module):
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.implementation == "loop":
             return False
-        ok = grouped_mm_supported(x.device, self._compute_dtype(x), self.dim, self.hidden_dim)
+        ok = grouped_mm_supported(x.device, self._compute_dtype(x), self.dim, self.hidden_dim, self.w1.shape[-1])
         if self.implementation == "grouped_mm" and not ok:
             raise RuntimeError(
                 f"grouped_mm is not supported for dtype {self._compute_dtype(x)} on {x.device} with "

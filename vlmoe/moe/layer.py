@@ -23,6 +23,7 @@ __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_
 
 RouterName = Literal["topk", "switch", "gshard", "expert_choice"]
 ROUTERS = ("topk", "switch", "gshard", "expert_choice")
+GATES = ("softmax", "topk_softmax")
 
 _CONTEXT: contextvars.ContextVar[tuple[str | None, torch.Tensor | None]] = contextvars.ContextVar(
     "vlmoe_routing_context", default=(None, None)
@@ -97,6 +98,9 @@ class SparseMoE(nn.Module):
         group_size: tokens per routing group (default: all tokens of a call in one group).
         multiple_of: capacity is rounded up to a multiple of this.
         normalize_combine_weights: divide each token's kept weights by their sum.
+        gate: "softmax" (V-MoE: combine with the softmax over all experts) or "topk_softmax"
+            (Mixtral: softmax over the selected top-k logits, so a token's weights sum to 1).
+        expert_type: "mlp" (act_layer MLP, timm / open_clip) or "swiglu" (Mixtral's experts).
         act_layer, bias: expert MLP activation and biases (timm / open_clip defaults).
         implementation: experts' matmul path, "auto", "grouped_mm" or "loop".
         *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
@@ -118,6 +122,8 @@ class SparseMoE(nn.Module):
         group_size: int | None = None,
         multiple_of: int = 4,
         normalize_combine_weights: bool = False,
+        gate: Literal["softmax", "topk_softmax"] = "softmax",
+        expert_type: Literal["mlp", "swiglu"] = "mlp",
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
         implementation: Implementation = "auto",
@@ -133,6 +139,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        if gate == "topk_softmax" and router == "expert_choice":
+            raise ValueError("gate='topk_softmax' selects experts per token; expert choice selects tokens per expert")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1; got {num_experts}")
         default_k = {"switch": 1, "gshard": 2}.get(router, 1)
@@ -150,6 +160,7 @@ class SparseMoE(nn.Module):
         self.noise_scale = (1.0 if router == "topk" else 0.0) if noise_scale is None else noise_scale
         self.group_size, self.multiple_of = group_size, multiple_of
         self.normalize_combine_weights = normalize_combine_weights
+        self.gate = gate
 
         weights = dict(_DEFAULT_WEIGHTS[router])
         given = dict(
@@ -174,8 +185,13 @@ class SparseMoE(nn.Module):
                 compute_capacity(1, 1, 1, opts.capacity_factor)  # validates the factor
 
         self.router = nn.Linear(dim, num_experts, bias=False)
-        self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias, implementation=implementation)
+        self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias,
+                               implementation=implementation, expert_type=expert_type)
         self.aux: dict[str | None, MoEAux] = {}
+        # A layer shared across depths (WideNet) runs several times per forward and per
+        # modality: then each call keeps its record ("text", "text#1", ...) until the owner
+        # clears `aux`; otherwise a call replaces the previous one of its modality.
+        self.record_every_call = False
         self.padded_min_fill = 0.85
         self.init_weights()
 
@@ -187,7 +203,7 @@ class SparseMoE(nn.Module):
         o = self.options
         return (
             f"router={self.router_name}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}"
+            f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}"
         )
 
     def options_for(self, modality: str | None) -> RoutingOptions:
@@ -232,15 +248,17 @@ class SparseMoE(nn.Module):
             capacity = compute_capacity(max(n_valid, 1), E, K, opts.capacity_factor, self.multiple_of)
         keep_GSK = None
         scale_GS1 = None
-        if self.router_name == "gshard":
-            top_GSK, _ = top_k_gates(gates_GSE, 2)
+        if self.router_name == "gshard" or self.gate == "topk_softmax":
+            # Weights normalised over the selected top-k before any is dropped: GShard's
+            # g_k / (g1 + g2), and Mixtral's softmax over the top-k logits (the same thing).
+            top_GSK, _ = top_k_gates(gates_GSE, K)
             denom_GS1 = top_GSK.sum(-1, keepdim=True)
             scale_GS1 = 1.0 / denom_GS1
-            if self.training:
-                # GShard: the 2nd expert is used with probability min(1, 2 * g2 / (g1 + g2)).
-                p2_GS = 2.0 * top_GSK[..., 1] / denom_GS1[..., 0]
-                keep2_GS = torch.rand_like(p2_GS) < p2_GS
-                keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
+        if self.router_name == "gshard" and self.training:
+            # GShard: the 2nd expert is used with probability min(1, 2 * g2 / (g1 + g2)).
+            p2_GS = 2.0 * top_GSK[..., 1] / denom_GS1[..., 0]
+            keep2_GS = torch.rand_like(p2_GS) < p2_GS
+            keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
         r = route(
             gates_GSE, K, capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
             renormalize=self.normalize_combine_weights,
@@ -312,7 +330,10 @@ class SparseMoE(nn.Module):
         out_TD = torch.zeros_like(x_TD)
         out_TD.index_add_(0, token_M, y_MD.to(x.dtype) * weight_M.to(x.dtype).unsqueeze(-1))
 
-        self.aux[modality] = self._aux(
+        key = modality
+        if self.record_every_call and key in self.aux:
+            key = f"{modality}#{sum(1 for k in self.aux if k == modality or str(k).startswith(f'{modality}#'))}"
+        self.aux[key] = self._aux(
             logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, mask_T, S, opts, noise_std if noisy else 0.0,
             counts_E, token_M, capacity,
         )

@@ -194,8 +194,6 @@ class LIMoEModule(L.LightningModule):
         elif "label" in batch:
             if self._classifier is None:
                 raise ValueError("labelled (zero-shot) shards need class names and templates in the data module")
-            for m in self.model.moe_layers():
-                m.aux.clear()
             feats = self.model.encode_image(batch["image"], normalize=True)
             hits = topk_correct(feats.float() @ self._classifier.float(), batch["label"])
             self._zs["n"] += batch["label"].numel()
