@@ -52,7 +52,7 @@ class MoEConfig:
     implementation: str = "auto"
     gate: str = "softmax"  # softmax (V-MoE) | topk_softmax (Mixtral: weights over the top-k sum to 1)
     expert_type: str = "mlp"  # mlp (the block's activation) | swiglu
-    expert_hidden_dim: int | None = None  # None: the dense MLP's hidden width
+    expert_hidden_dim: int | dict | None = None  # None: the dense MLP's width; {"image": h, "text": h} per tower
     share_across_depth: bool = False  # WideNet: one MoE layer for all MoE depths of a tower
 
     @classmethod
@@ -244,15 +244,20 @@ class VLMoEModel(CLIP):
         if cfg is not None:
             kw = cfg.layer_kwargs()
 
-            def make(dim, hidden, act):
-                m = SparseMoE(dim, cfg.expert_hidden_dim or hidden, act_layer=act, **kw)
-                if cfg.router_init_std is not None:
-                    nn.init.normal_(m.router.weight, std=cfg.router_init_std)
-                return m
+            def maker(tower: str):
+                h = cfg.expert_hidden_dim.get(tower) if isinstance(cfg.expert_hidden_dim, dict) else cfg.expert_hidden_dim
+
+                def make(dim, hidden, act):
+                    m = SparseMoE(dim, h or hidden, act_layer=act, **kw)
+                    if cfg.router_init_std is not None:
+                        nn.init.normal_(m.router.weight, std=cfg.router_init_std)
+                    return m
+
+                return make
 
             self.image_moe_layers = resolve_layers(cfg.image_layers, len(image_blocks), "the image tower")
             depth = cfg.share_across_depth
-            image_moes = install_moe(image_blocks, self.image_moe_layers, make, share_across_depth=depth)
+            image_moes = install_moe(image_blocks, self.image_moe_layers, maker("image"), share_across_depth=depth)
             if sharing == "all":
                 self.text_moe_layers = list(self.image_moe_layers)
             else:
@@ -266,7 +271,7 @@ class VLMoEModel(CLIP):
                             f"{len(self.text_moe_layers)} ({self.text_moe_layers}); give both the same count"
                         )
                     shared = image_moes if not depth else [image_moes[0]] * len(self.text_moe_layers)
-                install_moe(text_blocks, self.text_moe_layers, make, existing=shared, share_across_depth=depth)
+                install_moe(text_blocks, self.text_moe_layers, maker("text"), existing=shared, share_across_depth=depth)
 
     # -- the open_clip surface --------------------------------------------------------
     @property

@@ -20,7 +20,7 @@ from .checkpoint import load_state_dict_strict, read_state_dict
 from .factory import _configs, build_model
 from .model import install_moe, resolve_layers, tower_blocks
 
-__all__ = ["upcycle_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp"]
+__all__ = ["upcycle_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp", "split_neurons", "neuron_importance"]
 
 
 def _dense_mlp_tensors(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -38,13 +38,83 @@ def _dense_mlp_tensors(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
     raise KeyError(f"no dense MLP weights under {prefix!r} (looked for c_fc/c_proj and fc1/fc2)")
 
 
-def experts_from_mlp(sd: dict, prefix: str, num_experts: int, router_weight: torch.Tensor) -> None:
-    """In-place on a state dict: replace the dense MLP under `prefix` by E expert copies and
-    the given router weight."""
+def experts_from_mlp(sd: dict, prefix: str, num_experts: int, router_weight: torch.Tensor,
+                     neurons: torch.Tensor | None = None) -> None:
+    """In-place on a state dict: replace the dense MLP under `prefix` by E experts and the
+    given router weight. Each expert is a copy of the dense MLP (sparse upcycling), or with
+    `neurons` [E, h] (hidden-neuron indices, -1 for an empty slot) the listed subset of it
+    (MoEBERT's split)."""
     dense = _dense_mlp_tensors(sd, prefix)
-    for name, t in dense.items():
-        sd[f"{prefix}.experts.{name}"] = t.unsqueeze(0).repeat(num_experts, *([1] * t.ndim)).contiguous()
+    if neurons is None:
+        for name, t in dense.items():
+            sd[f"{prefix}.experts.{name}"] = t.unsqueeze(0).repeat(num_experts, *([1] * t.ndim)).contiguous()
+    else:
+        valid = (neurons >= 0).unsqueeze(-1)
+        idx = neurons.clamp_min(0)
+        # Empty slots get zero weights in and out: act(0) * 0 contributes nothing.
+        w1 = dense["w1"].t()[idx] * valid  # [E, h, D]
+        sd[f"{prefix}.experts.w1"] = w1.transpose(1, 2).contiguous()
+        sd[f"{prefix}.experts.w2"] = (dense["w2"][idx] * valid).contiguous()  # [E, h, D]
+        if "b1" in dense:
+            sd[f"{prefix}.experts.b1"] = (dense["b1"][idx] * valid.squeeze(-1)).contiguous()
+            sd[f"{prefix}.experts.b2"] = dense["b2"].unsqueeze(0).repeat(num_experts, 1).contiguous()
     sd[f"{prefix}.router.weight"] = router_weight.detach().clone()
+
+
+def split_neurons(importance: torch.Tensor, num_experts: int, num_shared: int) -> torch.Tensor:
+    """MoEBERT's assignment: the `num_shared` most important hidden neurons go to every
+    expert, the others are dealt out round-robin in order of importance (so experts are
+    alike in importance). Returns [E, h] indices, -1 where an expert has fewer neurons."""
+    H = importance.numel()
+    if num_experts > H:
+        raise ValueError(f"cannot split {H} hidden neurons into {num_experts} experts: use at most {H} experts")
+    if not 0 <= num_shared <= H:
+        raise ValueError(f"num_shared_neurons must be in [0, {H}]; got {num_shared}")
+    order = torch.sort(importance, descending=True, stable=True).indices
+    shared, rest = order[:num_shared], order[num_shared:]
+    per = -(-rest.numel() // num_experts)
+    out = torch.full((num_experts, num_shared + per), -1, dtype=torch.long)
+    out[:, :num_shared] = shared
+    for e in range(num_experts):
+        mine = rest[e::num_experts]
+        out[e, num_shared : num_shared + mine.numel()] = mine
+    return out
+
+
+def neuron_importance(dense: CLIP, prefixes: list[str], batches=None) -> dict[str, torch.Tensor]:
+    """Per hidden neuron of each dense MLP: with `batches` ([(images, texts), ...]) MoEBERT's
+    first-order sensitivity sum |w * dL/dw| over the neuron's weights under the contrastive
+    loss; without, weight magnitude ||w_in|| * ||w_out||."""
+    modules = dict(dense.named_modules())
+    mlps = {p: modules[p] for p in prefixes}
+    if not batches:
+        return {p: m.c_fc.weight.norm(dim=1) * m.c_proj.weight.norm(dim=0) for p, m in mlps.items()}
+    from open_clip.loss import ClipLoss
+
+    loss_fn = ClipLoss()
+    was_training = dense.training
+    dense.eval()
+    scores = {p: torch.zeros(m.c_fc.out_features) for p, m in mlps.items()}
+    size = tuple(dense.visual.image_size)
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"importance batch {i} must be an (images, texts) pair; got {type(batch).__name__}")
+        images, texts = batch
+        if not (torch.is_tensor(images) and images.ndim == 4 and tuple(images.shape[-2:]) == size):
+            raise ValueError(f"importance batch {i}: images must be [B, 3, {size[0]}, {size[1]}]; got {getattr(images, 'shape', None)}")
+        if not (torch.is_tensor(texts) and texts.ndim == 2 and not texts.is_floating_point() and texts.shape[0] == images.shape[0]):
+            raise ValueError(f"importance batch {i}: texts must be token ids [B, L] for the same B as the images; got {getattr(texts, 'shape', None)}")
+        dense.zero_grad(set_to_none=True)
+        img, txt = dense.encode_image(images, normalize=True), dense.encode_text(texts, normalize=True)
+        loss_fn(img, txt, dense.logit_scale.exp()).backward()
+        for p, m in mlps.items():
+            s = (m.c_fc.weight * m.c_fc.weight.grad).abs().sum(1) + (m.c_proj.weight * m.c_proj.weight.grad).abs().sum(0)
+            if m.c_fc.bias is not None:
+                s = s + (m.c_fc.bias * m.c_fc.bias.grad).abs()
+            scores[p] += s.detach()
+    dense.zero_grad(set_to_none=True)
+    dense.train(was_training)
+    return scores
 
 
 def infer_open_clip_config(model: CLIP) -> dict:
@@ -103,6 +173,9 @@ def upcycle_open_clip(
     normalize_combine_weights: bool = True,
     model_config: str | dict | None = None,
     router_init_std: float = 1e-3,
+    method: str = "copy",
+    importance_batches: list | None = None,
+    num_shared_neurons: int | float = 0,
     **moe_kwargs: Any,
 ):
     """An open_clip CLIP (model or checkpoint) -> a LIMoE VLMoEModel by sparse upcycling.
@@ -118,8 +191,17 @@ def upcycle_open_clip(
             "ViT-B-16"), a vlmoe dense config name (e.g. "clip-b16") or a config dict.
             With a model object it is inferred from the modules when not given.
         router_init_std: the router starts near zero (normal with this std).
+        method: "copy" (every expert a copy of the dense MLP: E times the parameters, the
+            dense active compute) or "split" (MoEBERT: the MLP's hidden neurons divided among
+            the experts, so the total stays that of the dense MLP and the active compute drops).
+        importance_batches: for "split": [(images, texts), ...] to rank neurons by their
+            effect on the contrastive loss; without them, by weight magnitude.
+        num_shared_neurons: for "split": the most important neurons kept in every expert (an
+            int, or a float in [0, 1] as a fraction of the hidden width).
         moe_kwargs: further MoEConfig fields (router, batch_priority, loss weights, ...).
     """
+    if method not in ("copy", "split"):
+        raise ValueError(f"method must be 'copy' or 'split'; got {method!r}")
     if isinstance(clip_model_or_checkpoint_path, nn.Module):
         src = clip_model_or_checkpoint_path
         config = _open_clip_config(model_config) if model_config is not None else infer_open_clip_config(src)
@@ -141,6 +223,23 @@ def upcycle_open_clip(
         text_layers=moe_layers if text_moe_layers is None else text_moe_layers,
         router_init_std=router_init_std, **moe_kwargs,
     )
+    neurons: dict[str, torch.Tensor] = {}
+    if method == "split":
+        dense = src if isinstance(clip_model_or_checkpoint_path, nn.Module) else build_model({**config, "moe": None})
+        if dense is not src:
+            load_state_dict_strict(dense, sd, source="dense open_clip weights")
+        towers = {"image": ("visual.transformer.resblocks", tower_blocks(dense.visual), config["moe"]["image_layers"]),
+                  "text": ("transformer.resblocks", tower_blocks(dense.transformer), config["moe"]["text_layers"])}
+        prefixes = {t: [f"{pre}.{i}.mlp" for i in resolve_layers(spec, len(blocks), f"the {t} tower")] for t, (pre, blocks, spec) in towers.items()}
+        scores = neuron_importance(dense, [p for ps in prefixes.values() for p in ps], importance_batches)
+        hidden = {}
+        for tower, ps in prefixes.items():
+            for p in ps:
+                H = scores[p].numel()
+                shared = round(num_shared_neurons * H) if isinstance(num_shared_neurons, float) else num_shared_neurons
+                neurons[p] = split_neurons(scores[p], num_experts, shared)
+                hidden[tower] = neurons[p].shape[1]
+        config["moe"]["expert_hidden_dim"] = hidden
     model = build_model(config)
     own = model.state_dict()
     for tower_prefix, layers in (("visual.transformer.resblocks", model.image_moe_layers), ("transformer.resblocks", model.text_moe_layers)):
@@ -148,7 +247,7 @@ def upcycle_open_clip(
             tower_prefix = "visual.trunk.blocks"
         for i in layers:
             p = f"{tower_prefix}.{i}.mlp"
-            experts_from_mlp(sd, p, num_experts, own[f"{p}.router.weight"])
+            experts_from_mlp(sd, p, num_experts, own[f"{p}.router.weight"], neurons.get(p))
     load_state_dict_strict(model, sd, strict=True, source="dense open_clip weights")
     return model
 
