@@ -12,12 +12,13 @@ from vlmoe.cli import cli_main
 from vlmoe.data import ClipDataModule, collate
 from vlmoe.train import LIMoEModule
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
 
 
-def fit_args(shards, root, config="configs/limoe_tiny.yaml", steps=4, extra=()):
+def fit_args(shards, root, config="limoe_tiny.yaml", steps=4, extra=()):
     return [
-        "fit", "--config", config,
+        "fit", "--config", str(CONFIGS / config),
         f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}",
         f"--data.zeroshot_shards={shards['zeroshot']}", f"--data.classnames={shards['classnames']}",
         f"--data.templates={shards['templates']}", f"--trainer.max_steps={steps}", "--data.batch_size=8",
@@ -36,7 +37,7 @@ def read_metrics(log_dir: Path) -> dict[str, list[float]]:
     return out
 
 
-@pytest.mark.parametrize("config,moe", [("configs/limoe_tiny.yaml", True), ("configs/clip_tiny.yaml", False)])
+@pytest.mark.parametrize("config,moe", [("limoe_tiny.yaml", True), ("clip_tiny.yaml", False)])
 def test_fit_end_to_end_through_the_cli(shards, tmp_path, config, moe):
     cli = cli_main(fit_args(shards, tmp_path, config))
     trainer = cli.trainer
@@ -66,7 +67,7 @@ def test_validate_and_test_stages_report_metrics(shards, tmp_path):
     cli = cli_main(fit_args(shards, tmp_path, steps=2))
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     for stage in ("validate", "test"):
-        args = [stage, "--config", "configs/limoe_tiny.yaml", f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
+        args = [stage, "--config", str(CONFIGS / "limoe_tiny.yaml"), f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.val_shards={shards['val']}",
                 f"--data.zeroshot_shards={shards['zeroshot']}", f"--data.test_shards={shards['val']}",
                 f"--data.zeroshot_test_shards={shards['zeroshot']}", f"--data.classnames={shards['classnames']}",
@@ -117,7 +118,7 @@ def test_bad_input_fails_early_and_clearly(shards, tmp_path):
         bad.write_text("a photo\n")
         ClipDataModule(zeroshot_shards=shards["zeroshot"], classnames=shards["classnames"], templates=str(bad), batch_size=8)
     with pytest.raises(SystemExit):  # jsonargparse: unknown key, with the key named on stderr
-        cli_main(["fit", "--config", "configs/limoe_tiny.yaml", "--data.no_such_key=1"])
+        cli_main(["fit", "--config", str(CONFIGS / "limoe_tiny.yaml"), "--data.no_such_key=1"])
     with pytest.raises(FileNotFoundError):
         cli_main(fit_args(shards, tmp_path, steps=1, extra=[f"--ckpt_path={tmp_path / 'missing.ckpt'}"]))
 
@@ -213,7 +214,8 @@ def test_make_shards_and_export_scripts(tmp_path, shards):
     (tmp_path / "caps.csv").write_text("image,caption\nred_thing/0.png,a red thing\nblue_thing/1.jpg,a blue thing\n")
     (tmp_path / "caps.jsonl").write_text('{"image": "red_thing/2.png", "caption": "red again"}\n')
     def run(script, *args):
-        spec = importlib.util.spec_from_file_location(Path(script).stem, script)
+        script = CONFIGS.parent / script
+        spec = importlib.util.spec_from_file_location(script.stem, script)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         mod.main(list(args))
