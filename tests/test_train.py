@@ -252,3 +252,24 @@ def test_unreadable_shard_is_reported_by_name(shards, tmp_path, caplog):
         n = sum(b["image"].shape[0] for b in dm.val_dataloader()[0] if "image" in b)
     assert n == 24
     assert any(str(broken) in r.getMessage() for r in caplog.records)
+
+
+def test_evaluation_routing_counts_cover_each_token_once(shards):
+    import open_clip
+
+    dropless = {"moe": {"capacity_factor": None}}
+    module = LIMoEModule("limoe-tiny", model_overrides=dropless)
+    dm = ClipDataModule(val_shards=shards["val"], zeroshot_shards=shards["zeroshot"], classnames=shards["classnames"],
+                        templates=shards["templates"], batch_size=8, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=dm)
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    from vlmoe.data.pipeline import make_dataset
+
+    captions = [s["text"] for s in make_dataset(dm.urls["val"], dm.eval_transform, tok, train=False)]
+    n_text = int(sum((c != 0).sum() for c in captions))
+    n_image = (24 + 24) * 65  # retrieval + zero-shot images, 64 patches + class token
+    for layer in range(2):
+        assert int(module.routing_counts[(layer, "text")].sum()) == n_text
+        assert int(module.routing_counts[(layer, "image")].sum()) == n_image
+    assert float(trainer.callback_metrics["val/skipped_samples"]) == 0

@@ -171,6 +171,7 @@ class LIMoEModule(L.LightningModule):
         self._feats = {"image": [], "text": []}
         self._zs = {"n": 0, 1: 0, 5: 0}
         self._routing = {}
+        self._eval_skipped = 0
         self._classifier = None
         dm = self.trainer.datamodule
         if dm is not None and getattr(dm, "classnames", None):
@@ -184,9 +185,11 @@ class LIMoEModule(L.LightningModule):
                 self._routing[key] = self._routing.get(key, 0) + counts
 
     def _eval_step(self, batch):
+        self._eval_skipped += int(batch["skipped"])
         if "image" not in batch:
             return
-        self.skipped_samples += int(batch["skipped"])
+        for m in self.model.moe_layers():
+            m.aux.clear()  # count only what this batch routed (a zero-shot batch has no text)
         if "text" in batch:
             out = self.model(batch["image"], batch["text"])
             self._feats["image"].append(out["image_features"].float())
@@ -215,7 +218,7 @@ class LIMoEModule(L.LightningModule):
             metrics[f"{prefix}/zeroshot_top1"] = float(zs[1] / zs[0])
             metrics[f"{prefix}/zeroshot_top5"] = float(zs[2] / zs[0])
             metrics[f"{prefix}/zeroshot_n"] = float(zs[0])
-        metrics[f"{prefix}/skipped_samples"] = float(self.skipped_samples)
+        metrics[f"{prefix}/skipped_samples"] = float(self._eval_skipped)
         if metrics:
             self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
         self._write_routing_picture(prefix)
