@@ -65,3 +65,9 @@ def test_compare_report_is_resumable(tmp_path):
     assert "+-" in (tmp_path / "table.md").read_text()
     again = compare.main(args)  # nothing re-run: both runs are in runs.jsonl
     assert [r["fit_seconds"] for r in again] == [r["fit_seconds"] for r in runs]
+
+
+def test_moe_demo(capsys):
+    _load_script("moe_demo").main()
+    out = capsys.readouterr().out
+    assert out.count("| BPR |") == 2 and out.count("| vanilla |") == 2 and "| 8 | 1 | vlmoe |" in out
