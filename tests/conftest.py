@@ -43,6 +43,18 @@ def write_split(pattern, n, seed, per_shard, labelled=False, corrupt_every=0):
     return w.paths
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_outside_the_checkout(tmp_path_factory):
+    """Whatever a test writes to the working directory (Lightning's default_root_dir, say)
+    lands in a temporary folder, never in the repository."""
+    import os
+
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")

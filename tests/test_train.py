@@ -157,11 +157,13 @@ def _run(devices, per_device_batch, path):
     module = LIMoEModule("limoe-tiny", model_overrides=NO_AUX, warmup_steps=1)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
+        default_root_dir=str(path.parent),
         callbacks=[SaveGrads(path)], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
     loader = DataLoader(PairDataset(), batch_size=per_device_batch, shuffle=False, collate_fn=collate)
     trainer.fit(module, train_dataloaders=loader)
+    assert not (path.parent / "checkpoints").exists()  # enable_checkpointing=False is respected
     return torch.load(path, weights_only=True)
 
 
@@ -254,15 +256,17 @@ def test_unreadable_shard_is_reported_by_name(shards, tmp_path, caplog):
     assert any(str(broken) in r.getMessage() for r in caplog.records)
 
 
-def test_evaluation_routing_counts_cover_each_token_once(shards):
+def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path):
     import open_clip
 
     dropless = {"moe": {"capacity_factor": None}}
     module = LIMoEModule("limoe-tiny", model_overrides=dropless)
     dm = ClipDataModule(val_shards=shards["val"], zeroshot_shards=shards["zeroshot"], classnames=shards["classnames"],
                         templates=shards["templates"], batch_size=8, num_workers=0)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
     trainer.validate(module, datamodule=dm)
+    assert len(list((tmp_path / "routing").glob("val_step*.png"))) == 1
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
     from vlmoe.data.pipeline import make_dataset
 

@@ -95,6 +95,8 @@ class LIMoEModule(L.LightningModule):
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=self.global_rank, world_size=world)
 
     def configure_callbacks(self):
+        if self._trainer is not None and self.trainer.checkpoint_callback is None:
+            return []  # the trainer was told enable_checkpointing=False
         return [
             ModelCheckpoint(filename="step{step:07d}", every_n_train_steps=self.hparams.checkpoint_every_n_steps,
                             save_top_k=-1, auto_insert_metric_name=False),

@@ -29,8 +29,8 @@ def quiet_lightning() -> None:
 class ProgressPrinter(L.Callback):
     """A line every `every` steps: loss and throughput (for logs and non-interactive runs)."""
 
-    def __init__(self, label: str, every: int = 25, stream=sys.stderr):
-        self.label, self.every, self.stream = label, every, stream
+    def __init__(self, label: str, every: int = 25, stream=None):
+        self.label, self.every, self.stream = label, every, stream  # None: sys.stderr at print time
         self.rates: list[float] = []
         self._t = None
 
@@ -45,7 +45,7 @@ class ProgressPrinter(L.Callback):
         if step % self.every == 0 or step == total:
             loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
             rate = statistics.median(self.rates) if self.rates else float("nan")
-            print(f"  [{self.label}] step {step}/{total}  loss {loss:.3f}  {rate:.0f} samples/s", file=self.stream, flush=True)
+            print(f"  [{self.label}] step {step}/{total}  loss {loss:.3f}  {rate:.0f} samples/s", file=self.stream or sys.stderr, flush=True)
 
 
 def train_and_evaluate(
