@@ -115,12 +115,19 @@ def bench(tokens=4096, dim=256, hidden=1024, experts=(8, 32), top_ks=(1, 2), rep
     for E in experts:
         for k in top_ks:
             moe = SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, batch_priority=True).train()
+
+            def same_weights(impl, **kw):  # same router, so the same tokens are kept
+                m = SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, implementation=impl, **kw).train()
+                m.load_state_dict(moe.state_dict())
+                return m
+
             variants = {
                 "dense MLP": Mlp(dim, hidden * k),
                 "vlmoe": moe,
-                "vlmoe (grouped_mm)": SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, implementation="grouped_mm").train(),
-                "vlmoe (loop)": SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, implementation="loop").train(),
-                "one-hot einsum": OneHotEinsumMoE(SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0, batch_priority=False)),
+                "vlmoe (bmm)": same_weights("bmm"),
+                "vlmoe (grouped_mm)": same_weights("grouped_mm"),
+                "vlmoe (loop)": same_weights("loop"),
+                "one-hot einsum": OneHotEinsumMoE(same_weights("auto", batch_priority=False)),
             }
             if ds_error is None:
                 with warnings.catch_warnings():

@@ -13,7 +13,7 @@ def run(*args, timeout=300):
 def test_bench_moe_quick():
     out = run("scripts/bench_moe.py", "--tokens", "256", "--dim", "32", "--hidden", "64", "--experts", "4", "--top-k", "1", "2", "--reps", "1", "--no-deepspeed", "--memory-scaling")
     rows = [line for line in out.splitlines() if line.startswith("| 4 |")]
-    assert len(rows) == 2 * 5  # dense, vlmoe, grouped_mm, loop, one-hot einsum for two top-k
+    assert len(rows) == 2 * 6  # dense, vlmoe (auto, bmm, grouped_mm, loop), one-hot einsum for two top-k
     assert "DeepSpeed MoE: skipped" in out
     mem = {int(r.split("|")[1]): (float(r.split("|")[2]), float(r.split("|")[3])) for r in out.splitlines() if r.startswith("| ") and r.split("|")[1].strip().isdigit() and len(r.split("|")) == 5}
     assert sorted(mem) == [1024, 2048, 4096, 8192]
