@@ -7,7 +7,6 @@ work unchanged. Only the MLP of the MoE blocks differs (`...resblocks.{i}.mlp.ro
 """
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -347,11 +346,6 @@ class VLMoEModel(CLIP):
                 block.forward = functools.partial(_checkpointed_forward, block)
             else:
                 block.__dict__.pop("forward", None)
-
-    def dense_twin_config(self) -> dict:
-        cfg = copy.deepcopy(self.config)
-        cfg["moe"] = None
-        return cfg
 
 
 def _checkpointed_forward(self, *args, **kwargs):
