@@ -1,7 +1,6 @@
 """Mixtral routing and SwiGLU experts, WideNet (one MoE across depths), save/load."""
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.layers import SwiGLU
 
 import vlmoe

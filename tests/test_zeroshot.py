@@ -107,10 +107,8 @@ def test_zeroshot_cli_json_with_every_model_kind(tmp_path, shards):
                 CLIPTextCfg(context_length=16, vocab_size=49408, width=64, heads=4, layers=2))
     oc = tmp_path / "oc.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, oc)
-    oc_cfg = tmp_path / "oc_cfg"  # ARCH may be a vlmoe name or an open_clip one; here a config export
     arch = {"embed_dim": 64, "vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 8, "image_size": 32},
             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-    del oc_cfg
     from vlmoe.models import factory
 
     factory._configs()["test-oc-arch"] = arch  # register the architecture by name for ARCH@PATH

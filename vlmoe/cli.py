@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-__all__ = ["info_main", "cli_main", "zeroshot_main", "VLMoECLI"]
+__all__ = ["info_main", "cli_main", "zeroshot_main"]
 
 
 def _cli_class():
@@ -31,11 +31,6 @@ def cli_main(args: list[str] | None = None, run: bool = True):
         trainer_defaults={"max_steps": 1000, "log_every_n_steps": 10},
     )
 
-
-def __getattr__(name):
-    if name == "VLMoECLI":
-        return _cli_class()
-    raise AttributeError(name)
 
 
 def info_main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Iterable
 
 from webdataset.shardlists import expand_urls
 

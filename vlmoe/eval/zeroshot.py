@@ -31,7 +31,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
 
 
 @torch.no_grad()
-def evaluate_zeroshot(model, batches, classifier: torch.Tensor, num_classes: int | None = None, progress=None) -> dict:
+def evaluate_zeroshot(model, batches, classifier: torch.Tensor, progress=None) -> dict:
     """Top-1/top-5 accuracy (fractions) and per-class accuracy of `model` over `batches`
     ({"image", "label", "skipped"} dicts). `progress` wraps the iterable (e.g. tqdm)."""
     device = classifier.device
