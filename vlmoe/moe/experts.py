@@ -96,7 +96,44 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, first)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
         self.act = _SwiGLU() if expert_type == "swiglu" else act_layer()
+        # Expert parallelism (vlmoe.moe.parallel): this module may hold only experts
+        # [expert_offset, expert_offset + num_experts) of num_total_experts.
+        self.num_total_experts, self.expert_offset, self.groups = num_experts, 0, None
+        self._register_load_state_dict_pre_hook(self._slice_full_experts)
         self.init_weights()
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.groups is not None
+
+    def shard(self, groups) -> None:
+        """Keep only EP rank `groups.ep_rank`'s experts (see vlmoe.moe.parallel)."""
+        E, P = self.num_total_experts, groups.ep_size
+        if E % P:
+            raise ValueError(
+                f"{E} experts cannot be split evenly over an expert-parallel group of {P} ranks; "
+                f"use an expert_parallel_size that divides {E}"
+            )
+        n = E // P
+        self.expert_offset, self.num_experts, self.groups = groups.ep_rank * n, n, groups
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.data.narrow(0, self.expert_offset, n).clone(), requires_grad=p.requires_grad))
+
+    def unshard(self, full: dict[str, torch.Tensor]) -> None:
+        """Take back all experts (`full`: parameter name -> [E, ...] tensor)."""
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(full[name].to(p.device, p.dtype), requires_grad=p.requires_grad))
+        self.num_experts, self.expert_offset, self.groups = self.num_total_experts, 0, None
+
+    def _slice_full_experts(self, state_dict, prefix, *args) -> None:
+        # Checkpoints always hold all experts (whatever EP size wrote them): a sharded
+        # module keeps its own rows.
+        if not self.is_sharded:
+            return
+        for name, p in self.named_parameters(recurse=False):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.shape[0] == self.num_total_experts and t.shape[1:] == p.shape[1:]:
+                state_dict[prefix + name] = t.narrow(0, self.expert_offset, self.num_experts)
 
     def init_weights(self) -> None:
         """nn.Linear's default initialisation, expert by expert."""
@@ -109,7 +146,9 @@ class Experts(nn.Module):
                 nn.init.uniform_(b, -bound, bound)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+        shard = (f"experts {self.expert_offset}..{self.expert_offset + self.num_experts - 1} of "
+                 f"{self.num_total_experts}, ") if self.is_sharded else ""
+        return (f"{shard}num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
                 f"expert_type={self.expert_type}, implementation={self.implementation}")
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -174,5 +213,8 @@ class Experts(nn.Module):
             h = self.act(F.linear(x, w1[e].t(), b1[e]))
             outputs.append(F.linear(h, w2[e].t(), b2[e]))
         if not outputs:
-            return x_MD.new_zeros(0, self.dim, dtype=self._compute_dtype(x_MD))
+            # No rows: still a graph through the weights, so that backward runs everywhere
+            # (expert parallelism needs every rank in the backward all-to-all).
+            x = x_MD[:0]
+            return F.linear(self.act(F.linear(x, w1[0].t(), b1[0])), w2[0].t(), b2[0])
         return torch.cat(outputs)

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import losses as L
 from .experts import Experts, Implementation
+from .parallel import expert_parallel_apply
 from .routing import compute_capacity, expert_choice_route, route, top_k_gates
 
 __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_routing_context", "collect_aux", "ROUTERS"]
@@ -193,6 +194,7 @@ class SparseMoE(nn.Module):
         # clears `aux`; otherwise a call replaces the previous one of its modality.
         self.record_every_call = False
         self.padded_min_fill = 0.85
+        self.ep = None  # ExpertParallelGroups once shard_experts() has run
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -205,6 +207,17 @@ class SparseMoE(nn.Module):
             f"router={self.router_name}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}"
         )
+
+    def shard_experts(self, groups) -> None:
+        """Keep only this rank's share of the experts; calls then exchange tokens with the
+        other ranks of `groups.ep_group` (see vlmoe.moe.parallel.shard_experts, which
+        also makes every rank start from the same experts)."""
+        self.experts.shard(groups)
+        self.ep = groups
+
+    def unshard_experts(self, full: dict[str, torch.Tensor]) -> None:
+        self.experts.unshard(full)
+        self.ep = None
 
     def options_for(self, modality: str | None) -> RoutingOptions:
         return self.modality_options.get(modality, self.options) if modality else self.options
@@ -313,11 +326,19 @@ class SparseMoE(nn.Module):
         counts_E = torch.bincount(expert_M, minlength=E)
         C = capacity if capacity is not None else (int(slot_M.max()) + 1 if M else 1)
         impl = self.experts.implementation
+        if self.ep is not None:
+            # Expert parallel: ragged rows sorted by expert go to the ranks that own them.
+            order_M = torch.sort(expert_M, stable=True).indices
+            token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
+            y_MD = expert_parallel_apply(self.experts, x_TD.index_select(0, token_M), counts_E, self.ep)
+            impl = "parallel"
         # Padded buffers waste rows on empty slots but run as one batched matmul with the
         # bias fused. Measured with scripts/bench_moe.py on 2 CPU cores they win for top-1
         # at >= 85% fill; for top-2 the ragged grouped_mm path won even at 98% fill.
         padded = self.top_k == 1 and M >= self.padded_min_fill * E * G * C
-        if impl == "bmm" or (impl == "auto" and padded):
+        if impl == "parallel":
+            pass
+        elif impl == "bmm" or (impl == "auto" and padded):
             # V-MoE layout: per-expert buffers [E, G*C, D] filled by (expert, group, slot).
             row_M = (expert_M * G + group_M) * C + slot_M
             buf_RD = x_TD.new_zeros(E * G * C, D).index_copy_(0, row_M, x_TD.index_select(0, token_M))
@@ -380,6 +401,8 @@ class SparseMoE(nn.Module):
                 "dropped_token_frac": ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
                 "capacity": torch.tensor(float(capacity if capacity is not None else -1)),
             }
+            if self.ep is not None:  # share of this rank's kept rows computed by each EP rank
+                stats["rank_load"] = counts_E.view(self.ep.ep_size, -1).sum(1).float() / n_kept.clamp_min(1)
         return MoEAux(total, losses, stats)
 
 

@@ -156,9 +156,10 @@ class LIMoEModule(L.LightningModule):
                 continue
             if v.ndim == 0:
                 out[k] = v.float()
-            else:  # expert_load: one scalar per expert
+            else:  # expert_load: one scalar per expert; rank_load: one per EP rank
+                tag = "r" if k.endswith("rank_load") else "e"
                 for e, x in enumerate(v):
-                    out[f"{k}/e{e}"] = x.float()
+                    out[f"{k}/{tag}{e}"] = x.float()
         return out
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
