@@ -140,3 +140,115 @@ def test_bad_expert_parallel_size_is_refused():
         layer.shard_experts(groups)
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
         par.init_expert_parallel(2)
+
+
+# -- the Lightning strategy ------------------------------------------------------------------
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from test_train import NO_AUX, PairDataset  # noqa: E402
+from vlmoe.data import collate  # noqa: E402
+from vlmoe.models.factory import load_model  # noqa: E402
+from vlmoe.train import ExpertParallelStrategy, LIMoEModule  # noqa: E402
+
+
+class Record(L.Callback):
+    """Saves, per rank: the outputs on a probe batch when training starts (right after a
+    checkpoint is restored) and every gradient as the optimizer used it (after expert
+    reduction and clipping) with the rows of experts it holds."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        probe = PairDataset(n=4, seed=7)
+        pl_module.model.eval()
+        with torch.no_grad():  # a collective under EP: every rank runs it
+            out = pl_module.model(probe.images, probe.texts)
+        pl_module.model.train()
+        self.probe = {k: out[k] for k in ("image_features", "text_features")}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads, offsets = {}, {}
+        for n, p in pl_module.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.detach().clone()
+        for n, m in pl_module.named_modules():
+            if hasattr(m, "expert_offset"):
+                offsets[n] = (m.expert_offset, m.num_experts)
+        torch.save({"grads": grads, "offsets": offsets, "probe": self.probe},
+                   f"{self.out_dir}/rank{trainer.global_rank}_step{trainer.global_step}.pt")
+
+
+def _fit(out_dir, devices, ep, max_steps, ckpt_path=None, clip=0.05):
+    out_dir.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    module = LIMoEModule("limoe-tiny", model_overrides=NO_AUX, warmup_steps=1, lr=1e-3)
+    strategy = ExpertParallelStrategy(expert_parallel_size=ep, start_method="spawn") if devices > 1 else "auto"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, default_root_dir=str(out_dir),
+        callbacks=[Record(str(out_dir))], logger=False, enable_checkpointing=True, enable_progress_bar=False,
+        enable_model_summary=False, gradient_clip_val=clip, log_every_n_steps=1,
+    )
+    loader = DataLoader(PairDataset(), batch_size=8 // devices, shuffle=False, collate_fn=collate)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return out_dir / "checkpoints" / "last.ckpt", module
+
+
+def _assert_same_grads(single_path, ep_paths):
+    ref = torch.load(single_path, weights_only=True)["grads"]
+    for path in ep_paths:
+        got = torch.load(path, weights_only=True)
+        assert len(got["grads"]) > 50 and set(ref) <= set(got["grads"])
+        for n, g in got["grads"].items():
+            owner = n.rsplit(".", 1)[0]
+            r = ref[n] if n in ref else torch.zeros_like(g)  # an expert shard no row reached
+            if owner in got["offsets"]:
+                r = r.narrow(0, *got["offsets"][owner])
+            torch.testing.assert_close(g, r, atol=2e-6, rtol=1e-4, msg=f"{path.name}: {n}")
+
+
+def _assert_same_checkpoint(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], atol=2e-6, rtol=1e-4, msg=k)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            torch.testing.assert_close(sa[i][k], sb[i][k], atol=1e-8, rtol=1e-4, msg=f"optimizer state {i} {k}")
+
+
+def test_strategy_step_checkpoints_and_resume_match_a_single_process(tmp_path):
+    # one step: gradients (reduced, clipped by the global norm) and the updated model
+    single_ckpt, _ = _fit(tmp_path / "single", 1, 1, max_steps=1)
+    ep_ckpt, ep_module = _fit(tmp_path / "ep2", 2, 2, max_steps=1)
+    _assert_same_grads(tmp_path / "single" / "rank0_step1.pt",
+                       [tmp_path / "ep2" / "rank0_step1.pt", tmp_path / "ep2" / "rank1_step1.pt"])
+    ref = torch.load(tmp_path / "single" / "rank0_step1.pt", weights_only=True)["grads"]
+    norm = torch.stack([g.norm() for g in ref.values()]).norm()
+    assert abs(norm - 0.05) < 1e-4  # clipping was active, so the EP norm had to be the global one
+    offsets = torch.load(tmp_path / "ep2" / "rank1_step1.pt", weights_only=True)["offsets"]
+    assert offsets and all(o == (4, 4) for o in offsets.values())  # rank 1 held experts 4..7 of 8
+    # the EP=2 checkpoint has the single-device layout: all experts, Adam's moments too
+    _assert_same_checkpoint(single_ckpt, ep_ckpt)
+    # after fit the model in the caller's hands is whole
+    assert all(m.experts.w1.shape[0] == m.num_experts and not m.experts.is_sharded for m in ep_module.model.moe_layers())
+
+    # saved under EP=2, loaded on one CPU process: same outputs as the sharded model gave
+    probe = PairDataset(n=4, seed=7)
+    model = load_model(str(ep_ckpt)).eval()
+    with torch.no_grad():
+        out = model(probe.images, probe.texts)
+    # resume both checkpoints under the other layout: EP=2 from the single-device one (its
+    # probe runs sharded, right after loading) and one process from the EP=2 one
+    _fit(tmp_path / "ep2_from_single", 2, 2, max_steps=2, ckpt_path=single_ckpt)
+    _fit(tmp_path / "single_from_ep2", 1, 1, max_steps=2, ckpt_path=ep_ckpt)
+    sharded_probe = torch.load(tmp_path / "ep2_from_single" / "rank0_step2.pt", weights_only=True)["probe"]
+    for k in ("image_features", "text_features"):
+        torch.testing.assert_close(sharded_probe[k], out[k], atol=1e-6, rtol=1e-5)
+    _assert_same_grads(tmp_path / "single_from_ep2" / "rank0_step2.pt",
+                       [tmp_path / "ep2_from_single" / f"rank{r}_step2.pt" for r in (0, 1)])
+    _assert_same_checkpoint(tmp_path / "single_from_ep2" / "checkpoints" / "last.ckpt",
+                            tmp_path / "ep2_from_single" / "checkpoints" / "last.ckpt")
