@@ -184,7 +184,8 @@ def _fit(out_dir, devices, ep, max_steps, ckpt_path=None, clip=0.05):
     out_dir.mkdir(exist_ok=True)
     torch.manual_seed(0)
     module = LIMoEModule("limoe-tiny", model_overrides=NO_AUX, warmup_steps=1, lr=1e-3)
-    strategy = ExpertParallelStrategy(expert_parallel_size=ep, start_method="spawn") if devices > 1 else "auto"
+    strategy = "auto" if devices == 1 else ExpertParallelStrategy(
+        expert_parallel_size=ep, start_method="spawn", timeout=timedelta(seconds=120))  # fail, don't hang
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, default_root_dir=str(out_dir),
         callbacks=[Record(str(out_dir))], logger=False, enable_checkpointing=True, enable_progress_bar=False,
@@ -252,3 +253,27 @@ def test_strategy_step_checkpoints_and_resume_match_a_single_process(tmp_path):
                        [tmp_path / "ep2_from_single" / f"rank{r}_step2.pt" for r in (0, 1)])
     _assert_same_checkpoint(tmp_path / "single_from_ep2" / "checkpoints" / "last.ckpt",
                             tmp_path / "ep2_from_single" / "checkpoints" / "last.ckpt")
+
+
+def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards, tmp_path):
+    """Through the CLI, 2 processes, EP=2: the single validation shard goes to rank 0 only,
+    so rank 1 runs stand-in batches to keep every expert all-to-all paired; metrics include
+    the all-to-all time, bytes and load per rank; evaluation counts only real samples."""
+    from test_train import fit_args, read_metrics
+
+    from vlmoe.cli import cli_main
+
+    extra = ["--trainer.devices=2", "--trainer.strategy=vlmoe.train.ExpertParallelStrategy",
+             "--trainer.strategy.expert_parallel_size=2", "--trainer.strategy.start_method=spawn",
+             "--data.num_workers=1", "--data.samples_per_epoch=32", "--trainer.num_sanity_val_steps=0"]
+    cli_main(fit_args(shards, tmp_path, steps=2, extra=extra))
+    metrics = read_metrics(tmp_path / "lightning_logs" / "version_0")
+    for key in ("comm/all_to_all_ms", "comm/all_to_all_MB", "comm/all_to_all_share", "comm/rank_load/r0",
+                "comm/rank_load/r1", "val/zeroshot_top1", "val/image_to_text_R@1"):
+        assert key in metrics, key
+    assert all(v > 0 for v in metrics["comm/all_to_all_MB"])
+    assert any(k.endswith("rank_load/r1") and k.startswith("moe/") for k in metrics)
+    # 24 validation pairs and 24 zero-shot images, all on rank 0: counted once, stand-ins left out
+    assert set(metrics["val/retrieval_n"]) == {24.0} and set(metrics["val/zeroshot_n"]) == {24.0}
+    ckpt = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["model.visual.transformer.resblocks.1.mlp.experts.w1"].shape[0] == 8

@@ -7,25 +7,13 @@ import json
 __all__ = ["info_main", "cli_main", "zeroshot_main"]
 
 
-def _cli_class():
-    from lightning.pytorch.cli import LightningCLI
-
-    class VLMoECLI(LightningCLI):
-        """`vlmoe fit|validate|test --config ...`: LIMoEModule + ClipDataModule, with the
-        data's image size and context length taken from `--model.model_name`."""
-
-        def add_arguments_to_parser(self, parser):
-            parser.link_arguments("model.model_name", "data.init_args.model_name" if self.subclass_mode_data else "data.model_name")
-
-    return VLMoECLI
-
-
 def cli_main(args: list[str] | None = None, run: bool = True):
     """Entry point of the `vlmoe` console script; `args` lets tests call it in-process."""
     from .data import ClipDataModule
     from .train import LIMoEModule
+    from .train.lightning_cli import VLMoECLI
 
-    return _cli_class()(
+    return VLMoECLI(
         LIMoEModule, ClipDataModule, args=args, run=run, seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"max_steps": 1000, "log_every_n_steps": 10},

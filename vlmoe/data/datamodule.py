@@ -5,6 +5,7 @@ import logging
 
 import lightning as L
 import open_clip
+import torch
 from torch.utils.data import DataLoader
 
 from ..models.factory import resolve_config
@@ -113,15 +114,42 @@ class ClipDataModule(L.LightningDataModule):
         # A resumed run continues with fresh shard draws instead of replaying the first ones.
         step = self.trainer.global_step if self.trainer is not None else 0
         ds = make_dataset(self.urls["train"], self.train_transform, self.tokenizer, train=True,
-                          shuffle_buffer=self.shuffle_buffer, seed=self.seed + step, samples_per_worker=per_worker)
+                          shuffle_buffer=self.shuffle_buffer, seed=self.seed + step, samples_per_worker=per_worker,
+                          **self._rank())
         return self._loader(ds, self.batch_size, train=True)
+
+    def _rank(self) -> dict:
+        return {"rank": self.trainer.global_rank if self.trainer is not None else 0, "world_size": self._world()}
+
+    def _equalizer(self, name: str, labelled: bool) -> dict:
+        """Under a strategy whose every forward is a collective (expert parallelism), the
+        evaluation streams are padded so that all ranks run the same number of batches."""
+        strategy = getattr(self.trainer, "strategy", None)
+        if self._world() == 1 or not getattr(strategy, "requires_equal_eval_batches", False):
+            return {}
+        counts = [count_samples([u]) for u in self.urls[name]]
+        remote = [u for u, c in zip(self.urls[name], counts) if c is None]
+        if remote:
+            raise ValueError(
+                f"expert-parallel evaluation pads every rank to the same number of batches, which needs "
+                f"each shard's sample count; {remote[0]} is not a local file. Copy the {name} shards to local "
+                f"disk (or evaluate without expert parallelism)"
+            )
+        # The stand-in has the keys of the real samples, so it takes the same path in the model.
+        stand_in = {"image": torch.zeros(3, self.image_size, self.image_size)}
+        stand_in.update({"label": 0} if labelled else {"text": torch.zeros(self.context_length, dtype=torch.long)})
+        return {"shard_counts": counts, "stand_in": stand_in}
 
     def _eval_loaders(self, retrieval: str, zeroshot: str):
         loaders = []
         if retrieval in self.urls:
-            loaders.append(self._loader(make_dataset(self.urls[retrieval], self.eval_transform, self.tokenizer, train=False), self.val_batch_size, False))
+            ds = make_dataset(self.urls[retrieval], self.eval_transform, self.tokenizer, train=False,
+                              **self._rank(), **self._equalizer(retrieval, labelled=False))
+            loaders.append(self._loader(ds, self.val_batch_size, False))
         if zeroshot in self.urls:
-            loaders.append(self._loader(make_dataset(self.urls[zeroshot], self.eval_transform, None, train=False, need_text=False, need_label=True), self.val_batch_size, False))
+            ds = make_dataset(self.urls[zeroshot], self.eval_transform, None, train=False, need_text=False,
+                              need_label=True, **self._rank(), **self._equalizer(zeroshot, labelled=True))
+            loaders.append(self._loader(ds, self.val_batch_size, False))
         return loaders
 
     def val_dataloader(self):

@@ -6,7 +6,9 @@ travels with the next good sample (`skipped`) so it survives DataLoader workers.
 """
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import logging
 from typing import Callable, Iterator
 
@@ -16,7 +18,7 @@ from PIL import Image
 
 from .shards import IMAGE_KEYS
 
-__all__ = ["decode_samples", "make_dataset", "log_and_continue"]
+__all__ = ["decode_samples", "make_dataset", "equalize_stream", "log_and_continue"]
 
 log = logging.getLogger("vlmoe.data")
 
@@ -95,32 +97,95 @@ def make_dataset(
     shuffle_buffer: int = 1000,
     seed: int = 0,
     samples_per_worker: int | None = None,
+    shard_counts: list[int] | None = None,
+    stand_in: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> wds.DataPipeline:
     """Training: resampled shards (seeded per rank and worker, so no node split is needed),
     shuffle buffer, endless unless `samples_per_worker`. Evaluation: each shard once, split
-    across ranks and DataLoader workers, in order."""
+    across ranks and DataLoader workers, in order; with `shard_counts` (samples per shard)
+    and a `stand_in` sample, every rank's stream is padded to the same length (see
+    `equalize_stream`). `rank` / `world_size` are the caller's: DataLoader workers started
+    with spawn do not see torch.distributed, so webdataset would take every rank for rank 0."""
     stages: list = []
     if train:
-        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        worker_seed = functools.partial(_rank_worker_seed, rank=rank)
+        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=worker_seed)]
     else:
-        stages += [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        stages += [wds.SimpleShardList(urls), functools.partial(split_by_rank, rank=rank, world_size=world_size),
+                   wds.split_by_worker]
     stages += [wds.tarfile_to_samples(handler=log_and_continue)]
     if train and shuffle_buffer > 1:
         stages += [wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed)]
     stages += [
-        lambda src: decode_samples(src, image_transform, tokenizer, need_text, need_label),
+        # partials, not lambdas: DataLoader workers started with spawn pickle the pipeline
+        functools.partial(decode_samples, image_transform=image_transform, tokenizer=tokenizer,
+                          need_text=need_text, need_label=need_label),
     ]
+    if shard_counts is not None and not train:
+        stages += [functools.partial(equalize_stream, shard_counts=shard_counts, stand_in=stand_in,
+                                     rank=rank, world_size=world_size)]
     pipeline = wds.DataPipeline(*stages)
     if samples_per_worker:
         pipeline = pipeline.with_epoch(samples_per_worker)
     return pipeline
 
 
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _rank_worker_seed(rank: int) -> int:
+    """A distinct shard-resampling seed per rank and DataLoader worker."""
+    return rank * 1000 + _worker()[0]
+
+
+def split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
+    """Every world_size-th shard, from `rank` on (webdataset's split_by_node, with the
+    rank given rather than looked up)."""
+    yield from itertools.islice(src, rank, None, world_size)
+
+
+def equalize_stream(
+    src: Iterator[dict], shard_counts: list[int], stand_in: dict, rank: int, world_size: int
+) -> Iterator[dict]:
+    """Evaluation under expert parallelism, where every MoE forward is a collective: each
+    rank must run the same number of batches. This worker's stream is padded with
+    `stand_in` samples (flagged `pad`) to the largest number of samples any rank's worker
+    of the same index can hold (from the shard sizes, +1 for a marker of bad samples), so
+    every rank yields the same number of batches whatever was skipped. Bad-sample markers
+    become stand-ins carrying their count."""
+    worker, num_workers = _worker()
+    bound = max(sum(shard_counts[r::world_size][worker::num_workers]) for r in range(world_size)) + 1
+    n = 0
+    for sample in src:
+        if sample["image"] is None:
+            sample = {**stand_in, "skipped": sample["skipped"], "pad": True}
+        n += 1
+        if n > bound:
+            raise RuntimeError(
+                f"evaluation shards yielded more samples ({n}) than their tar headers list ({bound - 1}); "
+                f"a shard changed while reading? rewrite the shards"
+            )
+        yield sample
+    for _ in range(bound - n):
+        yield {**stand_in, "skipped": 0, "pad": True}
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack a batch; `skipped` sums the bad samples seen since the previous batch, markers
-    (bad samples at the end of a stream) included."""
-    good = [s for s in samples if s["image"] is not None]
+    (bad samples at the end of a stream) included. Padding stand-ins (`equalize_stream`)
+    are left out; a batch of nothing but stand-ins keeps one, with `valid` all False."""
+    good = [s for s in samples if s["image"] is not None and not s.get("pad")]
     out = {"skipped": torch.tensor(sum(int(s["skipped"]) for s in samples))}
+    pads = [s for s in samples if s.get("pad")]
+    if pads:
+        out["valid"] = torch.ones(len(good) or 1, dtype=torch.bool)
+        if not good:
+            good = pads[:1]
+            out["valid"][0] = False
     if not good:
         return out
     out["image"] = torch.stack([s["image"] for s in good])

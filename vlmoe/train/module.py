@@ -28,16 +28,21 @@ class FinalCheckpoint(Callback):
         trainer.save_checkpoint(dirpath / "last.ckpt")
 
 
-def _gather_rows(module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
-    """all_gather for tensors whose first dim differs across ranks."""
+def _gather_rows(module: L.LightningModule, x: torch.Tensor | None) -> torch.Tensor | None:
+    """all_gather for [n, d] tensors whose n differs across ranks; None where a rank has no
+    rows (a rank can get no evaluation shard). Every rank must call it."""
     if module.trainer is None or module.trainer.world_size == 1:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = module.all_gather(n).flatten().tolist()
-    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
+    shape = torch.tensor([0, 0] if x is None else list(x.shape), device=module.device)
+    shapes = module.all_gather(shape).view(-1, 2)
+    n_max, dim = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+    if n_max == 0:
+        return None
+    padded = torch.zeros(n_max, dim, device=module.device)
+    if x is not None:
+        padded[: x.shape[0]] = x
     gathered = module.all_gather(padded)
-    return torch.cat([gathered[r, :s] for r, s in enumerate(sizes)])
+    return torch.cat([gathered[r, :s] for r, s in enumerate(shapes[:, 0].tolist())])
 
 
 class LIMoEModule(L.LightningModule):
@@ -193,14 +198,21 @@ class LIMoEModule(L.LightningModule):
             return
         for m in self.model.moe_layers():
             m.aux.clear()  # count only what this batch routed (a zero-shot batch has no text)
+        # A stand-in batch (see vlmoe.data.equalize_stream) runs the model, because under
+        # expert parallelism the other ranks need this rank in every forward, and is dropped.
+        stand_in = "valid" in batch and not bool(batch["valid"].any())
         if "text" in batch:
             out = self.model(batch["image"], batch["text"])
+            if stand_in:
+                return
             self._feats["image"].append(out["image_features"].float())
             self._feats["text"].append(out["text_features"].float())
         elif "label" in batch:
             if self._classifier is None:
                 raise ValueError("labelled (zero-shot) shards need class names and templates in the data module")
             feats = self.model.encode_image(batch["image"], normalize=True)
+            if stand_in:
+                return
             hits = topk_correct(feats.float() @ self._classifier.float(), batch["label"])
             self._zs["n"] += batch["label"].numel()
             self._zs[1] += hits[1]
@@ -209,9 +221,9 @@ class LIMoEModule(L.LightningModule):
 
     def _eval_end(self, prefix: str):
         metrics = {}
-        if self._feats["image"]:
-            img = _gather_rows(self, torch.cat(self._feats["image"]))
-            txt = _gather_rows(self, torch.cat(self._feats["text"]))
+        img = _gather_rows(self, torch.cat(self._feats["image"]) if self._feats["image"] else None)
+        txt = _gather_rows(self, torch.cat(self._feats["text"]) if self._feats["text"] else None)
+        if img is not None:
             metrics.update({f"{prefix}/{k}": v for k, v in retrieval_metrics(img, txt).items()})
             metrics[f"{prefix}/retrieval_n"] = float(img.shape[0])
         zs = torch.tensor([self._zs["n"], self._zs[1], self._zs[5]], dtype=torch.float64, device=self.device)
@@ -227,16 +239,24 @@ class LIMoEModule(L.LightningModule):
         self._write_routing_picture(prefix)
 
     def _write_routing_picture(self, prefix: str):
-        if not self._routing:
-            return
         keys = sorted(self._routing)
-        counts = torch.stack([self._routing[k].float() for k in keys])
+        if self.trainer.world_size > 1:  # a rank may have routed other modalities, or nothing
+            everyone = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(everyone, keys)
+            keys = sorted(set().union(*everyone))
+        if not keys:
+            return
+        layers = self.model.moe_layers()
+        counts = torch.stack([
+            self._routing[k].float() if k in self._routing else torch.zeros(layers[k[0]].num_experts, device=self.device)
+            for k in keys
+        ])
         if self.trainer.world_size > 1:
             counts = self.all_gather(counts).sum(0)
         self.routing_counts = {k: c.cpu() for k, c in zip(keys, counts)}
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "routing"  # a collective
         if self.global_rank != 0:
             return
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "routing"
         path = log_dir / f"{prefix}_step{self.global_step:07d}.png"
         fig = routing_picture(counts.cpu(), [f"MoE {i} {m}" for i, m in keys], title=f"{prefix} routing at step {self.global_step}", path=path)
         self.last_routing_picture = path
