@@ -21,6 +21,15 @@ def test_bench_moe_quick():
     assert mem[8192][1] / mem[1024][1] > 20  # the one-hot einsum is quadratic
 
 
+def test_bench_ep_quick():
+    out = run("scripts/bench_ep.py", "--tokens", "128", "--dim", "32", "--hidden", "64", "--configs", "4x1,4x2", "--reps", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 4 |")]
+    assert len(rows) == 2
+    for r in rows:
+        measured, formula = float(r[9]), float(r[10])
+        assert 0 < measured <= 2 * formula  # at most every choice leaves the rank (P=2: twice the uniform figure)
+
+
 def test_vlmoe_info_json():
     from vlmoe.cli import info_main
     import contextlib
