@@ -180,10 +180,10 @@ class Record(L.Callback):
                    f"{self.out_dir}/rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
 
-def _fit(out_dir, devices, ep, max_steps, ckpt_path=None, clip=0.05):
+def _fit(out_dir, devices, ep, max_steps, ckpt_path=None, clip=0.05, **module_kwargs):
     out_dir.mkdir(exist_ok=True)
     torch.manual_seed(0)
-    module = LIMoEModule("limoe-tiny", model_overrides=NO_AUX, warmup_steps=1, lr=1e-3)
+    module = LIMoEModule("limoe-tiny", model_overrides=NO_AUX, warmup_steps=1, lr=1e-3, **module_kwargs)
     strategy = "auto" if devices == 1 else ExpertParallelStrategy(
         expert_parallel_size=ep, start_method="spawn", timeout=timedelta(seconds=120))  # fail, don't hang
     trainer = L.Trainer(
@@ -243,9 +243,10 @@ def test_strategy_step_checkpoints_and_resume_match_a_single_process(tmp_path):
     with torch.no_grad():
         out = model(probe.images, probe.texts)
     # resume both checkpoints under the other layout: EP=2 from the single-device one (its
-    # probe runs sharded, right after loading) and one process from the EP=2 one
-    _fit(tmp_path / "ep2_from_single", 2, 2, max_steps=2, ckpt_path=single_ckpt)
-    _fit(tmp_path / "single_from_ep2", 1, 1, max_steps=2, ckpt_path=ep_ckpt)
+    # probe runs sharded, right after loading) and one process from the EP=2 one; with
+    # activation checkpointing, so the sharded blocks rerun their all-to-alls in backward
+    _fit(tmp_path / "ep2_from_single", 2, 2, max_steps=2, ckpt_path=single_ckpt, grad_checkpointing=True)
+    _fit(tmp_path / "single_from_ep2", 1, 1, max_steps=2, ckpt_path=ep_ckpt, grad_checkpointing=True)
     sharded_probe = torch.load(tmp_path / "ep2_from_single" / "rank0_step2.pt", weights_only=True)["probe"]
     for k in ("image_features", "text_features"):
         torch.testing.assert_close(sharded_probe[k], out[k], atol=1e-6, rtol=1e-5)
@@ -256,17 +257,19 @@ def test_strategy_step_checkpoints_and_resume_match_a_single_process(tmp_path):
 
 
 def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards, tmp_path):
-    """Through the CLI, 2 processes, EP=2: the single validation shard goes to rank 0 only,
-    so rank 1 runs stand-in batches to keep every expert all-to-all paired; metrics include
-    the all-to-all time, bytes and load per rank; evaluation counts only real samples."""
-    from test_train import fit_args, read_metrics
+    """Through the CLI, 2 processes, EP=2, bf16-mixed with gradient accumulation: the single
+    validation shard goes to rank 0 only, so rank 1 runs stand-in batches to keep every
+    expert all-to-all paired; metrics include the all-to-all time, bytes and load per rank;
+    evaluation counts only real samples; `vlmoe validate` runs sharded from the checkpoint."""
+    from test_train import CONFIGS, FAST, fit_args, read_metrics
 
     from vlmoe.cli import cli_main
 
     extra = ["--trainer.devices=2", "--trainer.strategy=vlmoe.train.ExpertParallelStrategy",
              "--trainer.strategy.expert_parallel_size=2", "--trainer.strategy.start_method=spawn",
-             "--data.num_workers=1", "--data.samples_per_epoch=32", "--trainer.num_sanity_val_steps=0"]
-    cli_main(fit_args(shards, tmp_path, steps=2, extra=extra))
+             "--data.num_workers=1", "--trainer.num_sanity_val_steps=0"]
+    train = ["--data.samples_per_epoch=64", "--trainer.accumulate_grad_batches=2", "--trainer.precision=bf16-mixed"]
+    cli_main(fit_args(shards, tmp_path, steps=2, extra=extra + train))
     metrics = read_metrics(tmp_path / "lightning_logs" / "version_0")
     for key in ("comm/all_to_all_ms", "comm/all_to_all_MB", "comm/all_to_all_share", "comm/rank_load/r0",
                 "comm/rank_load/r1", "val/zeroshot_top1", "val/image_to_text_R@1"):
@@ -275,5 +278,44 @@ def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards
     assert any(k.endswith("rank_load/r1") and k.startswith("moe/") for k in metrics)
     # 24 validation pairs and 24 zero-shot images, all on rank 0: counted once, stand-ins left out
     assert set(metrics["val/retrieval_n"]) == {24.0} and set(metrics["val/zeroshot_n"]) == {24.0}
-    ckpt = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["state_dict"]["model.visual.transformer.resblocks.1.mlp.experts.w1"].shape[0] == 8
+    assert ckpt["global_step"] == 2
+
+    args = ["validate", "--config", str(CONFIGS / "limoe_tiny.yaml"), f"--ckpt_path={path}",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--data.val_shards={shards['val']}", f"--data.zeroshot_shards={shards['zeroshot']}",
+            f"--data.classnames={shards['classnames']}", f"--data.templates={shards['templates']}",
+            "--data.train_shards=null", "--data.val_batch_size=8", *FAST, *extra, "--data.num_workers=0"]
+    m = cli_main(args).trainer.callback_metrics
+    assert float(m["val/zeroshot_n"]) == 24 and float(m["val/retrieval_n"]) == 24
+    assert abs(float(m["val/zeroshot_top1"]) - metrics["val/zeroshot_top1"][-1]) < 0.05  # fit ran in bf16
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_evaluation_streams_give_every_rank_the_same_batches(shards, num_workers):
+    """Corrupt samples (skipped) and shards that split unevenly over 3 ranks: every rank still
+    yields the same number of batches, each real sample exactly once, skips all counted."""
+    import open_clip
+
+    from vlmoe.data import collate, count_samples, expand_shards, make_dataset
+
+    urls = expand_shards(shards["bad"], "bad") + expand_shards(shards["val"], "val")  # 30 + 30 + 24 samples
+    counts = [count_samples([u]) for u in urls]
+    stand_in = {"image": torch.zeros(3, 32, 32), "text": torch.zeros(16, dtype=torch.long)}
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    tf = open_clip.image_transform(32, is_train=False)
+    n_batches, real, skipped = set(), 0, 0
+    for rank in range(3):
+        ds = make_dataset(urls, tf, tok, train=False, shard_counts=counts, stand_in=stand_in, rank=rank, world_size=3)
+        batches = list(DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=collate))
+        n_batches.add(len(batches))
+        for b in batches:
+            assert "image" in b and "text" in b  # every batch runs the model
+            valid = b.get("valid", torch.ones(b["image"].shape[0], dtype=torch.bool))
+            real += int(valid.sum())
+            skipped += int(b["skipped"])
+            assert valid.all() or not valid.any()  # stand-ins never mix with real rows
+    assert len(n_batches) == 1
+    assert skipped == 6 and real == 84 - 6  # corrupt_every=10: 6 of the 60 "bad" samples are bad
