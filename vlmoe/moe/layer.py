@@ -103,7 +103,8 @@ class SparseMoE(nn.Module):
             (Mixtral: softmax over the selected top-k logits, so a token's weights sum to 1).
         expert_type: "mlp" (act_layer MLP, timm / open_clip) or "swiglu" (Mixtral's experts).
         act_layer, bias: expert MLP activation and biases (timm / open_clip defaults).
-        implementation: experts' matmul path, "auto", "grouped_mm" or "loop".
+        implementation: experts' matmul path, "auto", "grouped_mm" or "loop" (a layer whose
+            experts are sharded, see `shard_experts`, always sends ragged rows).
         *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
             defaults depend on the router (V-MoE: importance and load 0.005).
         modality_overrides: per-modality RoutingOptions fields, e.g.
@@ -326,18 +327,15 @@ class SparseMoE(nn.Module):
         counts_E = torch.bincount(expert_M, minlength=E)
         C = capacity if capacity is not None else (int(slot_M.max()) + 1 if M else 1)
         impl = self.experts.implementation
+        # Padded buffers waste rows on empty slots but run as one batched matmul with the
+        # bias fused. Measured with scripts/bench_moe.py on 2 CPU cores they win for top-1
+        # at >= 85% fill; for top-2 the ragged grouped_mm path won even at 98% fill.
+        padded = self.top_k == 1 and M >= self.padded_min_fill * E * G * C
         if self.ep is not None:
             # Expert parallel: ragged rows sorted by expert go to the ranks that own them.
             order_M = torch.sort(expert_M, stable=True).indices
             token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
             y_MD = expert_parallel_apply(self.experts, x_TD.index_select(0, token_M), counts_E, self.ep)
-            impl = "parallel"
-        # Padded buffers waste rows on empty slots but run as one batched matmul with the
-        # bias fused. Measured with scripts/bench_moe.py on 2 CPU cores they win for top-1
-        # at >= 85% fill; for top-2 the ragged grouped_mm path won even at 98% fill.
-        padded = self.top_k == 1 and M >= self.padded_min_fill * E * G * C
-        if impl == "parallel":
-            pass
         elif impl == "bmm" or (impl == "auto" and padded):
             # V-MoE layout: per-expert buffers [E, G*C, D] filled by (expert, group, slot).
             row_M = (expert_M * G + group_M) * C + slot_M

@@ -64,6 +64,7 @@ class ExpertParallelStrategy(DDPStrategy):
 
     # -- setup / teardown ------------------------------------------------------------------
     def setup(self, trainer: L.Trainer) -> None:
+        par.all_to_all_meter.sync_cuda = self.log_all_to_all  # the timing's device sync
         if self.log_all_to_all and self.expert_parallel_size > 1 and not any(
             isinstance(c, ExpertParallelMonitor) for c in trainer.callbacks
         ):
@@ -147,7 +148,7 @@ class ExpertParallelStrategy(DDPStrategy):
 
 
 class ExpertParallelMonitor(L.Callback):
-    """Logs, per training step, the expert all-to-alls of this rank (forward and backward):
+    """Logs, per training batch, the expert all-to-alls of this rank (forward and backward):
     `comm/all_to_all_ms`, `comm/all_to_all_MB` (bytes sent to other ranks),
     `comm/all_to_all_share` (of the step's wall time), and the load per EP rank,
     `comm/rank_load/r{i}` (rows each rank of this rank's EP group computed, over the
