@@ -30,6 +30,14 @@ def test_bench_ep_quick():
         assert 0 < measured <= 2 * formula  # at most every choice leaves the rank (P=2: twice the uniform figure)
 
 
+def test_gpu_check_smoke_run_on_cpu(tmp_path):
+    out = run("scripts/gpu_check.py", "--tiny", "--reps", "1", "--device", "cpu", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["correctness"]["grouped_mm_vs_loop_bf16_max_rel_diff"] < 0.05  # bf16 rounding only
+    assert len(report["layer"]) == 4 and set(report["training_samples_per_s"]) == {"limoe-tiny", "clip-tiny"}
+    assert "samples/s" in out
+
+
 def test_vlmoe_info_json():
     from vlmoe.cli import info_main
     import contextlib
