@@ -277,3 +277,13 @@ def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path):
         assert int(module.routing_counts[(layer, "text")].sum()) == n_text
         assert int(module.routing_counts[(layer, "image")].sum()) == n_image
     assert float(trainer.callback_metrics["val/skipped_samples"]) == 0
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    """The GPU configs are not run here; they must at least be valid for `vlmoe fit`."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert e.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model_name:" in printed and "trainer:" in printed
