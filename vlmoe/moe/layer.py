@@ -195,7 +195,6 @@ class SparseMoE(nn.Module):
         # clears `aux`; otherwise a call replaces the previous one of its modality.
         self.record_every_call = False
         self.padded_min_fill = 0.85
-        self.ep = None  # ExpertParallelGroups once shard_experts() has run
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -209,16 +208,19 @@ class SparseMoE(nn.Module):
             f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}"
         )
 
+    @property
+    def ep(self):
+        """The ExpertParallelGroups the experts are sharded over, or None."""
+        return self.experts.groups
+
     def shard_experts(self, groups) -> None:
         """Keep only this rank's share of the experts; calls then exchange tokens with the
         other ranks of `groups.ep_group` (see vlmoe.moe.parallel.shard_experts, which
         also makes every rank start from the same experts)."""
         self.experts.shard(groups)
-        self.ep = groups
 
     def unshard_experts(self, full: dict[str, torch.Tensor]) -> None:
         self.experts.unshard(full)
-        self.ep = None
 
     def options_for(self, modality: str | None) -> RoutingOptions:
         return self.modality_options.get(modality, self.options) if modality else self.options

@@ -101,8 +101,8 @@ class AllToAllMeter:
         self.bytes_sent += bytes_sent
         self.calls += 1
 
-    def add_rows(self, rows_P: torch.Tensor) -> None:
-        rows_P = rows_P.detach().to("cpu", torch.float64)
+    def add_rows(self, rows_P: list[int]) -> None:
+        rows_P = torch.tensor(rows_P, dtype=torch.float64)
         self.rows_to_rank = rows_P if self.rows_to_rank is None else self.rows_to_rank + rows_P
 
 
@@ -151,8 +151,8 @@ def expert_parallel_apply(experts, x_MD: torch.Tensor, counts_E: torch.Tensor, g
     # Tell each rank how many rows it gets for each of its experts (one small exchange;
     # its .tolist() is the only host sync of the layer).
     dist.all_to_all_single(recv_PL.view(-1), send_PL.reshape(-1).contiguous(), group=groups.ep_group)
-    all_to_all_meter.add_rows(send_PL.sum(1))
-    in_splits, out_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+    in_splits, out_splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()
+    all_to_all_meter.add_rows(in_splits)
     x_RD = all_to_all(x_MD, out_splits, in_splits, groups.ep_group)
     # Rows arrive by (source rank, local expert); the experts want them by local expert.
     local_R = torch.repeat_interleave(
@@ -209,7 +209,8 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups, broadcast_fro
     return names
 
 
-def _gather_rows(t: torch.Tensor, groups: ExpertParallelGroups) -> torch.Tensor:
+def _gather_experts(t: torch.Tensor, groups: ExpertParallelGroups) -> torch.Tensor:
+    """[L, ...] shards of the EP group -> [E, ...] (equal shards, in EP-rank order)."""
     parts = [torch.empty_like(t) for _ in range(groups.ep_size)]
     dist.all_gather(parts, t.contiguous(), group=groups.ep_group)
     return torch.cat(parts)
@@ -219,7 +220,7 @@ def unshard_experts(module: nn.Module) -> None:
     """Gather every sharded SparseMoE's experts back onto each rank. Collective."""
     for moe in _moe_layers(module):
         if moe.experts.is_sharded:
-            full = {n: _gather_rows(p.data, moe.ep) for n, p in moe.experts.named_parameters(recurse=False)}
+            full = {n: _gather_experts(p.data, moe.ep) for n, p in moe.experts.named_parameters(recurse=False)}
             moe.unshard_experts(full)
 
 
@@ -235,7 +236,7 @@ def gather_expert_state_dict(state_dict: dict, module: nn.Module) -> dict:
             if key not in out:
                 continue
             if id(p) not in gathered:
-                gathered[id(p)] = _gather_rows(out[key].detach(), experts.groups)
+                gathered[id(p)] = _gather_experts(out[key].detach(), experts.groups)
             out[key] = gathered[id(p)]
     return out
 
@@ -258,7 +259,7 @@ def gather_expert_optimizer_state(state: dict, optimizer, module: nn.Module) -> 
             continue
         groups = owner[id(p)].groups
         out["state"][i] = {
-            k: _gather_rows(v, groups) if torch.is_tensor(v) and v.shape == p.shape else v
+            k: _gather_experts(v, groups) if torch.is_tensor(v) and v.shape == p.shape else v
             for k, v in out["state"][i].items()
         }
     return out
