@@ -133,13 +133,23 @@ def test_sharded_layer_equals_single_process(tmp_path, world, ep_sizes):
             assert load[: ep // 2].sum() == 1 and (load[ep // 2:] == 0).all()
 
 
-def test_bad_expert_parallel_size_is_refused():
+def test_bad_expert_parallel_size_is_refused(monkeypatch):
     layer = SparseMoE(D, H, num_experts=6)
     groups = par.ExpertParallelGroups(world_size=4, ep_size=4, ep_rank=0, ep_group=None, edp_size=1, edp_rank=0, edp_group=None)
     with pytest.raises(ValueError, match="cannot be split evenly.*divides 6"):
         layer.shard_experts(groups)
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
         par.init_expert_parallel(2)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"divisor of the world size 1; choose one of \[1\]"):
+            par.init_expert_parallel(2)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="positive integer"):
+        ExpertParallelStrategy(expert_parallel_size=0)
 
 
 # -- the Lightning strategy ------------------------------------------------------------------
