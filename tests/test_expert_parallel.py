@@ -4,13 +4,21 @@ import os
 import socket
 from datetime import timedelta
 
+import lightning as L
+import open_clip
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_train import CONFIGS, FAST, NO_AUX, PairDataset, fit_args, read_metrics
+from torch.utils.data import DataLoader
 
+from vlmoe.cli import cli_main
+from vlmoe.data import collate, count_samples, expand_shards, make_dataset
+from vlmoe.models.factory import load_model
 from vlmoe.moe import SparseMoE
 from vlmoe.moe import parallel as par
+from vlmoe.train import ExpertParallelStrategy, LIMoEModule
 
 # (name, SparseMoE kwargs, skew): with skew, every token prefers the first half of the experts,
 # so the ranks holding the second half receive no rows at all.
@@ -153,14 +161,6 @@ def test_bad_expert_parallel_size_is_refused(monkeypatch):
 
 
 # -- the Lightning strategy ------------------------------------------------------------------
-import lightning as L  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from test_train import NO_AUX, PairDataset  # noqa: E402
-from vlmoe.data import collate  # noqa: E402
-from vlmoe.models.factory import load_model  # noqa: E402
-from vlmoe.train import ExpertParallelStrategy, LIMoEModule  # noqa: E402
-
 
 class Record(L.Callback):
     """Saves, per rank: the outputs on a probe batch when training starts (right after a
@@ -271,10 +271,6 @@ def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards
     validation shard goes to rank 0 only, so rank 1 runs stand-in batches to keep every
     expert all-to-all paired; metrics include the all-to-all time, bytes and load per rank;
     evaluation counts only real samples; `vlmoe validate` runs sharded from the checkpoint."""
-    from test_train import CONFIGS, FAST, fit_args, read_metrics
-
-    from vlmoe.cli import cli_main
-
     extra = ["--trainer.devices=2", "--trainer.strategy=vlmoe.train.ExpertParallelStrategy",
              "--trainer.strategy.expert_parallel_size=2", "--trainer.strategy.start_method=spawn",
              "--data.num_workers=1", "--trainer.num_sanity_val_steps=0"]
@@ -310,10 +306,6 @@ def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards
 def test_evaluation_streams_give_every_rank_the_same_batches(shards, num_workers):
     """Corrupt samples (skipped) and shards that split unevenly over 3 ranks: every rank still
     yields the same number of batches, each real sample exactly once, skips all counted."""
-    import open_clip
-
-    from vlmoe.data import collate, count_samples, expand_shards, make_dataset
-
     urls = expand_shards(shards["bad"], "bad") + expand_shards(shards["val"], "val")  # 30 + 30 + 24 samples
     counts = [count_samples([u]) for u in urls]
     stand_in = {"image": torch.zeros(3, 32, 32), "text": torch.zeros(16, dtype=torch.long)}
