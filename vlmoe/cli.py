@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from .errors import DataError
 
 __all__ = ["info_main", "cli_main", "zeroshot_main"]
 
@@ -69,7 +70,7 @@ def _zeroshot_loader(data: str, image_size, batch_size: int, num_workers: int, c
 
         ds = ImageFolder(data, transform=transform)
         if len(ds.classes) != len(classnames):
-            raise ValueError(f"{data} has {len(ds.classes)} class folders but the class-names file lists {len(classnames)} names")
+            raise DataError(f"{data} has {len(ds.classes)} class folders but the class-names file lists {len(classnames)} names")
 
         def to_dict(items):
             return collate([{"image": x, "label": y, "skipped": 0} for x, y in items])

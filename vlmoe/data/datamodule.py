@@ -12,6 +12,7 @@ from ..models.factory import resolve_config
 from .pipeline import collate, make_dataset
 from .shards import count_samples, expand_shards
 from .text import load_classnames, load_templates
+from ..errors import DataError
 
 __all__ = ["ClipDataModule", "model_input_spec"]
 
@@ -69,7 +70,7 @@ class ClipDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+            raise DataError(f"batch_size must be >= 1; got {batch_size}")
         self.save_hyperparameters()
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
@@ -85,14 +86,14 @@ class ClipDataModule(L.LightningDataModule):
             if name in self.urls:
                 n = count_samples(self.urls[name])
                 if n is not None and n < self.val_batch_size:
-                    raise ValueError(
+                    raise DataError(
                         f"val_batch_size={self.val_batch_size} is larger than the {n} samples in the {name} shards; "
                         f"lower --data.val_batch_size (or --data.batch_size)"
                     )
         self.classnames = self.templates = None
         if "zeroshot" in self.urls or "zeroshot_test" in self.urls:
             if not classnames or not templates:
-                raise ValueError("zero-shot shards need --data.classnames and --data.templates (files or built-in names)")
+                raise DataError("zero-shot shards need --data.classnames and --data.templates (files or built-in names)")
             self.classnames, self.templates = load_classnames(classnames), load_templates(templates)
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
         self.train_transform = open_clip.image_transform(self.image_size, is_train=True)
@@ -109,7 +110,7 @@ class ClipDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         if "train" not in self.urls:
-            raise ValueError("fit needs training shards: pass --data.train_shards")
+            raise DataError("fit needs training shards: pass --data.train_shards")
         per_worker = max(1, self.samples_per_epoch // (self._world() * max(1, self.num_workers)))
         # A resumed run continues with fresh shard draws instead of replaying the first ones.
         step = self.trainer.global_step if self.trainer is not None else 0
@@ -130,7 +131,7 @@ class ClipDataModule(L.LightningDataModule):
         counts = [count_samples([u]) for u in self.urls[name]]
         remote = [u for u, c in zip(self.urls[name], counts) if c is None]
         if remote:
-            raise ValueError(
+            raise DataError(
                 f"expert-parallel evaluation pads every rank to the same number of batches, which needs "
                 f"each shard's sample count; {remote[0]} is not a local file. Copy the {name} shards to local "
                 f"disk (or evaluate without expert parallelism)"
@@ -158,5 +159,5 @@ class ClipDataModule(L.LightningDataModule):
     def test_dataloader(self):
         loaders = self._eval_loaders("test", "zeroshot_test")
         if not loaders:
-            raise ValueError("test needs --data.test_shards and/or --data.zeroshot_test_shards")
+            raise DataError("test needs --data.test_shards and/or --data.zeroshot_test_shards")
         return loaders

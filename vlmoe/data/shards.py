@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
+from ..errors import DataError, NotFound
 
 __all__ = ["expand_shards", "count_samples", "ShardWriter", "IMAGE_KEYS", "read_lines"]
 
@@ -31,11 +32,11 @@ def expand_shards(spec: str | list[str], what: str = "shards") -> list[str]:
         urls = expand_urls(spec or "")
     urls = [u for u in urls if u.strip()]
     if not urls:
-        raise ValueError(f"no {what}: {spec!r} expands to an empty list")
+        raise DataError(f"no {what}: {spec!r} expands to an empty list")
     missing = [u for u in urls if _is_local(u) and not _local_path(u).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} {what} not found: {shown}")
+        raise NotFound(f"{len(missing)} of {len(urls)} {what} not found: {shown}")
     return urls
 
 
@@ -65,7 +66,7 @@ class ShardWriter:
 
     def __init__(self, pattern: str, max_count: int = 10_000):
         if "%" not in pattern:
-            raise ValueError(f"shard pattern needs a %d-style field for the shard number, e.g. out/train-%06d.tar; got {pattern!r}")
+            raise DataError(f"shard pattern needs a %d-style field for the shard number, e.g. out/train-%06d.tar; got {pattern!r}")
         self.pattern, self.max_count = pattern, max_count
         self.shard, self.count, self.total = 0, 0, 0
         self.tar: tarfile.TarFile | None = None
@@ -114,9 +115,9 @@ class ShardWriter:
 def read_lines(path: str | Path, what: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
+        raise NotFound(f"{what} file not found: {p}")
     lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise ValueError(f"{what} file {p} is empty")
+        raise DataError(f"{what} file {p} is empty")
     return lines

@@ -6,6 +6,7 @@ from pathlib import Path
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from .shards import read_lines
+from ..errors import DataError
 
 __all__ = ["load_classnames", "load_templates", "BUILTIN_CLASSNAMES", "BUILTIN_TEMPLATES", "DIGIT_NAMES", "DIGIT_TEMPLATES"]
 
@@ -36,7 +37,7 @@ def load_classnames(spec: str | list[str]) -> list[str]:
     """A class-names file (one per line, in label order) or a built-in set name."""
     names = _load_list(spec, BUILTIN_CLASSNAMES, "class-names")
     if len(set(names)) != len(names):
-        raise ValueError(f"class names in {spec} are not unique")
+        raise DataError(f"class names in {spec} are not unique")
     return names
 
 
@@ -45,5 +46,5 @@ def load_templates(spec: str | list[str]) -> list[str]:
     templates = _load_list(spec, BUILTIN_TEMPLATES, "templates")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ValueError(f"templates need '{{}}' where the class name goes; these have none: {bad[:5]}")
+        raise DataError(f"templates need '{{}}' where the class name goes; these have none: {bad[:5]}")
     return templates

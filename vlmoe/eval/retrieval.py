@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from ..errors import DataError
 
 __all__ = ["retrieval_metrics"]
 
@@ -10,7 +11,7 @@ __all__ = ["retrieval_metrics"]
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """Row i of each is one pair. Recall@K for image->text and text->image, as fractions."""
     if image_features.shape != text_features.shape:
-        raise ValueError(f"paired features differ in shape: {tuple(image_features.shape)} vs {tuple(text_features.shape)}")
+        raise DataError(f"paired features differ in shape: {tuple(image_features.shape)} vs {tuple(text_features.shape)}")
     n = image_features.shape[0]
     sim = image_features.float() @ text_features.float().t()
     target = torch.arange(n, device=sim.device)

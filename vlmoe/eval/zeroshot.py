@@ -6,6 +6,7 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from ..data.text import load_classnames, load_templates
+from ..errors import DataError
 
 __all__ = ["load_classnames", "load_templates", "build_classifier", "topk_correct", "evaluate_zeroshot"]
 
@@ -21,7 +22,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     """How many rows have their label among the top-k logits, for each k (k capped at C)."""
     num_classes = logits.shape[1]
     if labels.numel() and int(labels.max()) >= num_classes:
-        raise ValueError(
+        raise DataError(
             f"label {int(labels.max())} in the data but only {num_classes} class names: the class-names file "
             f"must list one name per label, in label order"
         )
@@ -52,7 +53,7 @@ def evaluate_zeroshot(model, batches, classifier: torch.Tensor, progress=None) -
         per_class_n += torch.bincount(labels.cpu(), minlength=C)
         per_class_hits += torch.bincount(labels.cpu(), weights=correct, minlength=C).long()
     if n == 0:
-        raise ValueError("no labelled images were read: check the data path and that the shards have `cls` labels")
+        raise DataError("no labelled images were read: check the data path and that the shards have `cls` labels")
     return {
         "top1": top1 / n, "top5": top5 / n, "n": n, "skipped": skipped,
         "per_class": (per_class_hits.float() / per_class_n.clamp_min(1)).tolist(),

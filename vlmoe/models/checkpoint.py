@@ -9,14 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
+from ..errors import ConfigError, CheckpointError, NotFound
 
 __all__ = ["read_state_dict", "load_state_dict_strict", "save_pretrained", "CheckpointError", "find_export"]
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def _torch_load(path: Path) -> dict:
@@ -40,11 +37,11 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
     are kept, without it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise NotFound(f"checkpoint not found: {path}")
     if path.is_dir():
         path = path / WEIGHTS_NAME
         if not path.exists():
-            raise FileNotFoundError(f"{path.parent} has no {WEIGHTS_NAME}; pass the weights file itself")
+            raise NotFound(f"{path.parent} has no {WEIGHTS_NAME}; pass the weights file itself")
     if path.suffix == ".safetensors":
         try:
             sd = load_file(str(path))
@@ -115,7 +112,7 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError("save_pretrained needs a vlmoe model (with a .config); got " + type(model).__name__)
+        raise ConfigError("save_pretrained needs a vlmoe model (with a .config); got " + type(model).__name__)
     save_model(model, str(path / WEIGHTS_NAME), metadata={"format": "vlmoe"})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path

@@ -8,10 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, find_export, load_state_dict_strict, read_state_dict
+from .checkpoint import find_export, load_state_dict_strict, read_state_dict
 from .model import VLMoEModel
+from ..errors import ConfigError, CheckpointError, NotFound
 
-__all__ = ["list_models", "get_model_config", "resolve_config", "create_model", "load_model", "dense_baseline", "get_tokenizer", "build_model"]
+__all__ = ["list_models", "get_model_config", "resolve_config", "create_model", "load_model", "dense_baseline", "dense_config", "get_tokenizer", "build_model"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -29,7 +30,7 @@ def list_models() -> list[str]:
 def get_model_config(name: str) -> dict:
     cfgs = _configs()
     if name not in cfgs:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(cfgs))}")
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(cfgs))}")
     return copy.deepcopy(cfgs[name])
 
 
@@ -41,7 +42,7 @@ def dense_baseline(name: str) -> str:
     # variants of a LIMoE config (expert count, WideNet, Mixtral routing) share its baseline
     base = re.sub(r"(-e\d+|-widenet|-mixtral)$", "", name.replace("limoe-", "clip-", 1))
     if base not in _configs():
-        raise ValueError(f"{name!r} has no dense baseline config {base!r}")
+        raise ConfigError(f"{name!r} has no dense baseline config {base!r}")
     return base
 
 
@@ -69,11 +70,30 @@ def resolve_config(name_or_config: str | dict | Path, **overrides: Any) -> dict:
     return _merge(config, overrides)
 
 
+def dense_config(model_config: str | dict) -> dict:
+    """The dense CLIP config of an open_clip model name (e.g. "ViT-B-16"), a vlmoe config name
+    (its `moe` dropped) or a config dict: what an open_clip checkpoint is loaded into."""
+    if isinstance(model_config, dict):
+        return copy.deepcopy(model_config)
+    if model_config in _configs():
+        cfg = copy.deepcopy(_configs()[model_config])
+        cfg.pop("moe", None)
+        return cfg
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_config)
+    if cfg is None:
+        raise ConfigError(f"unknown model config {model_config!r}: not a vlmoe name and not an open_clip model name")
+    if cfg.get("custom_text") or "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ConfigError(f"open_clip model {model_config!r} has a custom/HF text tower; only CLIP-style towers are supported")
+    return {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+
+
 def build_model(config: dict) -> VLMoEModel:
     known = {"embed_dim", "vision_cfg", "text_cfg", "moe", "sharing", "quick_gelu", "init_logit_scale", "pad_id"}
     unknown = set(config) - known
     if unknown:
-        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(known)}")
     return VLMoEModel(**config)
 
 
@@ -92,7 +112,7 @@ def create_model(name_or_config: str | dict | Path, pretrained: str | Path | Non
     if pretrained is not None:
         path = Path(pretrained)
         if not path.exists():
-            raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+            raise NotFound(f"pretrained checkpoint not found: {path}")
         prefix = "model." if path.suffix == ".ckpt" else None
         sd = read_state_dict(path, prefix=prefix)
         if not sd:
@@ -109,16 +129,14 @@ def load_model(spec: str | Path, strict: bool = True) -> VLMoEModel:
     spec = str(spec)
     if "@" in spec and not Path(spec).exists():
         arch, _, path = spec.partition("@")
-        from .upcycle import _open_clip_config
-
-        config = _open_clip_config(arch)
+        config = dense_config(arch)
         model = build_model(config)
         model.load_report = load_state_dict_strict(model, read_state_dict(path), strict=strict, source=path)
         return model
     path = Path(spec)
     if path.suffix == ".ckpt":
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise NotFound(f"checkpoint not found: {path}")
         from .checkpoint import _torch_load
 
         hp = (_torch_load(path) or {}).get("hyper_parameters") or {}

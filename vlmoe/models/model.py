@@ -17,6 +17,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from ..moe import SparseMoE, collect_aux, current_routing_context, routing_context
+from ..errors import ConfigError
 
 __all__ = ["MoEConfig", "VLMoEModel", "TimmImageTower", "resolve_layers", "tower_blocks", "SHARING_MODES"]
 
@@ -32,7 +33,7 @@ class MoEConfig:
     top_k: int = 1  # K
     capacity_factor: float | None = 1.0  # None: dropless
     router: str = "topk"  # topk | switch | gshard | expert_choice
-    batch_priority: bool = True  # BPR
+    batch_priority: bool | None = None  # BPR; None: on for topk / expert_choice, off for switch / gshard (position)
     noise_scale: float | None = None  # router noise std * E (default 1.0 for topk)
     group_size: int | None = None  # tokens per routing group (default: one group per call)
     normalize_combine_weights: bool = False  # kept top-k weights sum to 1
@@ -61,7 +62,7 @@ class MoEConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown MoE config key(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown MoE config key(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
     def layer_kwargs(self) -> dict:
@@ -86,20 +87,20 @@ def resolve_layers(spec: Any, depth: int, what: str = "layers") -> list[int]:
     if isinstance(spec, str) and ":" in spec:
         kind, _, n = spec.partition(":")
         if not n.isdigit() or int(n) < 1 or kind not in ("every", "last"):
-            raise ValueError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
+            raise ConfigError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
         n = int(n)
         if kind == "every":
             return [i for i in range(depth) if (i + 1) % n == 0]
         if n > depth:
-            raise ValueError(f"MoE placement {spec!r} for {what} asks for {n} blocks but the tower has {depth}")
+            raise ConfigError(f"MoE placement {spec!r} for {what} asks for {n} blocks but the tower has {depth}")
         return list(range(depth - n, depth))
     if isinstance(spec, (list, tuple)):
         out = sorted({int(i) for i in spec})
         bad = [i for i in out if not 0 <= i < depth]
         if bad:
-            raise ValueError(f"MoE layer indices {bad} for {what} are out of range: the tower has {depth} blocks (0..{depth - 1})")
+            raise ConfigError(f"MoE layer indices {bad} for {what} are out of range: the tower has {depth} blocks (0..{depth - 1})")
         return out
-    raise ValueError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
+    raise ConfigError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
 
 
 class TimmImageTower(nn.Module):
@@ -161,7 +162,7 @@ def install_moe(blocks: list[nn.Module], layers: list[int], make_moe, existing: 
             moe = existing[j] if existing is not None else out[0]
             if (moe.dim, moe.block_hidden_dim) != (dim, hidden):
                 what = "between towers" if existing is not None else "across depths"
-                raise ValueError(
+                raise ConfigError(
                     f"cannot share MoE layer {j} {what}: it was built for dim={moe.dim}, hidden={moe.block_hidden_dim} "
                     f"but block {i} has dim={dim}, hidden={hidden}; use equal widths and mlp ratios or don't share"
                 )
@@ -204,7 +205,7 @@ class VLMoEModel(CLIP):
         pad_id: int = 0,
     ):
         if sharing not in SHARING_MODES:
-            raise ValueError(f"unknown sharing mode {sharing!r}; choose one of {SHARING_MODES}")
+            raise ConfigError(f"unknown sharing mode {sharing!r}; choose one of {SHARING_MODES}")
         vision_cfg, text_cfg = dict(vision_cfg), dict(text_cfg)
         timm_name = vision_cfg.get("timm_model_name")
         _check_keys(vision_cfg, set(CLIPVisionCfg.__dataclass_fields__) | {"timm_kwargs"}, "vision_cfg")
@@ -228,12 +229,12 @@ class VLMoEModel(CLIP):
         image_blocks, text_blocks = tower_blocks(self.visual), tower_blocks(self.transformer)
         if sharing == "all":
             if timm_name:
-                raise ValueError("sharing='all' needs open_clip towers on both sides (a timm image tower has its own block type); use sharing='moe' or 'none'")
+                raise ConfigError("sharing='all' needs open_clip towers on both sides (a timm image tower has its own block type); use sharing='moe' or 'none'")
             mismatch = {k: (vision_cfg.get(k), text_cfg.get(k)) for k in ("width", "layers") if vision_cfg.get(k) != text_cfg.get(k)}
             if self.visual.transformer.resblocks[0].attn.num_heads != self.transformer.resblocks[0].attn.num_heads:
                 mismatch["heads"] = (self.visual.transformer.resblocks[0].attn.num_heads, self.transformer.resblocks[0].attn.num_heads)
             if mismatch:
-                raise ValueError(f"sharing='all' runs text through the image transformer, so these must match (image, text): {mismatch}")
+                raise ConfigError(f"sharing='all' runs text through the image transformer, so these must match (image, text): {mismatch}")
             self.transformer = self.visual.transformer
             text_blocks = image_blocks
 
@@ -264,7 +265,7 @@ class VLMoEModel(CLIP):
                 shared = None
                 if sharing == "moe":
                     if len(self.text_moe_layers) != len(self.image_moe_layers) and not depth:
-                        raise ValueError(
+                        raise ConfigError(
                             f"sharing='moe' pairs the towers' MoE layers in order, but the image tower has "
                             f"{len(self.image_moe_layers)} ({self.image_moe_layers}) and the text tower "
                             f"{len(self.text_moe_layers)} ({self.text_moe_layers}); give both the same count"
@@ -279,7 +280,7 @@ class VLMoEModel(CLIP):
 
     def check_images(self, image: torch.Tensor) -> None:
         if image.ndim != 4 or tuple(image.shape[-2:]) != self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"images must be [B, C, {self.image_size[0]}, {self.image_size[1]}] for this model; got "
                 f"{tuple(image.shape)}. Preprocess with open_clip's transforms for image_size={self.image_size}"
             )
@@ -288,7 +289,7 @@ class VLMoEModel(CLIP):
         """Tokens longer than the context are truncated as open_clip's tokenizer does (the
         last kept token becomes the end-of-text token)."""
         if text.ndim != 2:
-            raise ValueError(f"text must be token ids [B, L]; got shape {tuple(text.shape)}")
+            raise ConfigError(f"text must be token ids [B, L]; got shape {tuple(text.shape)}")
         if text.shape[1] > self.context_length:
             eot = text.max(dim=1).values  # the end-of-text id is the largest id in each row
             text = text[:, : self.context_length].clone()
@@ -364,4 +365,4 @@ def _checkpointed_forward(self, *args, **kwargs):
 def _check_keys(d: dict, known: set, what: str) -> None:
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"unknown {what} key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown {what} key(s) {sorted(unknown)}; known: {sorted(known)}")

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..moe import SparseMoE
 from .checkpoint import load_state_dict_strict, read_state_dict
-from .factory import _configs, build_model
+from .factory import build_model, dense_config
 from .model import install_moe, resolve_layers, tower_blocks
+from ..errors import ConfigError, CheckpointError
 
 __all__ = ["upcycle_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp", "split_neurons", "neuron_importance"]
 
@@ -35,7 +36,7 @@ def _dense_mlp_tensors(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
                 if f"{prefix}.{name}.bias" in sd:
                     out[b] = sd.pop(f"{prefix}.{name}.bias")
             return out
-    raise KeyError(f"no dense MLP weights under {prefix!r} (looked for c_fc/c_proj and fc1/fc2)")
+    raise CheckpointError(f"no dense MLP weights under {prefix!r} (looked for c_fc/c_proj and fc1/fc2)")
 
 
 def experts_from_mlp(sd: dict, prefix: str, num_experts: int, router_weight: torch.Tensor,
@@ -67,9 +68,9 @@ def split_neurons(importance: torch.Tensor, num_experts: int, num_shared: int) -
     alike in importance). Returns [E, h] indices, -1 where an expert has fewer neurons."""
     H = importance.numel()
     if num_experts > H:
-        raise ValueError(f"cannot split {H} hidden neurons into {num_experts} experts: use at most {H} experts")
+        raise ConfigError(f"cannot split {H} hidden neurons into {num_experts} experts: use at most {H} experts")
     if not 0 <= num_shared <= H:
-        raise ValueError(f"num_shared_neurons must be in [0, {H}]; got {num_shared}")
+        raise ConfigError(f"num_shared_neurons must be in [0, {H}]; got {num_shared}")
     order = torch.sort(importance, descending=True, stable=True).indices
     shared, rest = order[:num_shared], order[num_shared:]
     per = -(-rest.numel() // num_experts)
@@ -98,12 +99,12 @@ def neuron_importance(dense: CLIP, prefixes: list[str], batches=None) -> dict[st
     size = tuple(dense.visual.image_size)
     for i, batch in enumerate(batches):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(f"importance batch {i} must be an (images, texts) pair; got {type(batch).__name__}")
+            raise ConfigError(f"importance batch {i} must be an (images, texts) pair; got {type(batch).__name__}")
         images, texts = batch
         if not (torch.is_tensor(images) and images.ndim == 4 and tuple(images.shape[-2:]) == size):
-            raise ValueError(f"importance batch {i}: images must be [B, 3, {size[0]}, {size[1]}]; got {getattr(images, 'shape', None)}")
+            raise ConfigError(f"importance batch {i}: images must be [B, 3, {size[0]}, {size[1]}]; got {getattr(images, 'shape', None)}")
         if not (torch.is_tensor(texts) and texts.ndim == 2 and not texts.is_floating_point() and texts.shape[0] == images.shape[0]):
-            raise ValueError(f"importance batch {i}: texts must be token ids [B, L] for the same B as the images; got {getattr(texts, 'shape', None)}")
+            raise ConfigError(f"importance batch {i}: texts must be token ids [B, L] for the same B as the images; got {getattr(texts, 'shape', None)}")
         dense.zero_grad(set_to_none=True)
         img, txt = dense.encode_image(images, normalize=True), dense.encode_text(texts, normalize=True)
         loss_fn(img, txt, dense.logit_scale.exp()).backward()
@@ -121,12 +122,12 @@ def infer_open_clip_config(model: CLIP) -> dict:
     """Rebuild the config of a standard open_clip CLIP (ViT image tower, transformer text
     tower) from its modules. Anything it cannot express shows up as a strict-loading error."""
     if type(model) is not CLIP or not isinstance(model.visual, VisionTransformer):
-        raise TypeError(
+        raise ConfigError(
             f"can only infer the config of an open_clip CLIP with a ViT image tower; got {type(model).__name__} "
             f"with {type(model.visual).__name__}. Pass model_config= (an open_clip model name or a config dict)"
         )
     if getattr(model, "logit_bias", None) is not None:
-        raise TypeError("SigLIP-style models (logit_bias) are not supported")
+        raise ConfigError("SigLIP-style models (logit_bias) are not supported")
     v, t = model.visual, model.transformer
 
     def tower(tr):
@@ -144,23 +145,6 @@ def infer_open_clip_config(model: CLIP) -> dict:
     embed_dim = v.proj.shape[1] if v.proj is not None else vt["width"]
     quick = isinstance(v.transformer.resblocks[0].mlp.gelu, QuickGELU)
     return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg, "quick_gelu": quick}
-
-
-def _open_clip_config(model_config: str | dict) -> dict:
-    if isinstance(model_config, dict):
-        return copy.deepcopy(model_config)
-    if model_config in _configs():
-        cfg = copy.deepcopy(_configs()[model_config])
-        cfg.pop("moe", None)
-        return cfg
-    import open_clip
-
-    cfg = open_clip.get_model_config(model_config)
-    if cfg is None:
-        raise ValueError(f"unknown model config {model_config!r}: not a vlmoe name and not an open_clip model name")
-    if cfg.get("custom_text") or "hf_model_name" in cfg.get("text_cfg", {}):
-        raise ValueError(f"open_clip model {model_config!r} has a custom/HF text tower; only CLIP-style towers are supported")
-    return {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
 
 
 def upcycle_open_clip(
@@ -201,21 +185,22 @@ def upcycle_open_clip(
         moe_kwargs: further MoEConfig fields (router, batch_priority, loss weights, ...).
     """
     if method not in ("copy", "split"):
-        raise ValueError(f"method must be 'copy' or 'split'; got {method!r}")
+        raise ConfigError(f"method must be 'copy' or 'split'; got {method!r}")
     if isinstance(clip_model_or_checkpoint_path, nn.Module):
         src = clip_model_or_checkpoint_path
-        config = _open_clip_config(model_config) if model_config is not None else infer_open_clip_config(src)
+        config = dense_config(model_config) if model_config is not None else infer_open_clip_config(src)
         sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
     else:
         if model_config is None:
-            raise ValueError(
+            raise ConfigError(
                 "upcycling a checkpoint file needs model_config=: the open_clip model name it was trained as "
                 "(e.g. 'ViT-B-16'), a vlmoe dense config name (e.g. 'clip-b16') or a config dict"
             )
-        config = _open_clip_config(model_config)
+        src = None  # the dense model is rebuilt from the checkpoint when it is needed (method="split")
+        config = dense_config(model_config)
         sd = read_state_dict(clip_model_or_checkpoint_path)
     if config.get("sharing", "none") != "none":
-        raise ValueError("upcycling builds two towers with their own experts (sharing='none'): the dense towers have different MLPs")
+        raise ConfigError("upcycling builds two towers with their own experts (sharing='none'): the dense towers have different MLPs")
     config["sharing"] = "none"
     config["moe"] = dict(
         num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
@@ -225,8 +210,9 @@ def upcycle_open_clip(
     )
     neurons: dict[str, torch.Tensor] = {}
     if method == "split":
-        dense = src if isinstance(clip_model_or_checkpoint_path, nn.Module) else build_model({**config, "moe": None})
-        if dense is not src:
+        dense = src
+        if dense is None:
+            dense = build_model({**config, "moe": None})
             load_state_dict_strict(dense, sd, source="dense open_clip weights")
         towers = {"image": ("visual.transformer.resblocks", tower_blocks(dense.visual), config["moe"]["image_layers"]),
                   "text": ("transformer.resblocks", tower_blocks(dense.transformer), config["moe"]["text_layers"])}
@@ -272,7 +258,7 @@ def upcycle_timm_vit(
         vit = copy.deepcopy(vit_or_checkpoint)
     else:
         if model_name is None:
-            raise ValueError("upcycling a timm checkpoint file needs model_name= (the timm architecture, e.g. 'vit_base_patch16_224')")
+            raise ConfigError("upcycling a timm checkpoint file needs model_name= (the timm architecture, e.g. 'vit_base_patch16_224')")
         import timm
 
         vit = timm.create_model(model_name, pretrained=False, **(timm_kwargs or {}))
@@ -283,7 +269,7 @@ def upcycle_timm_vit(
     for i in layers:
         mlp = blocks[i].mlp
         if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-            raise TypeError(f"block {i}: only plain timm Mlp blocks (no inner norm) can be upcycled")
+            raise ConfigError(f"block {i}: only plain timm Mlp blocks (no inner norm) can be upcycled")
 
     def make(dim, hidden, act):
         m = SparseMoE(dim, hidden, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,

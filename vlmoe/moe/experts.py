@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import ConfigError
 
 __all__ = ["Experts", "grouped_mm_supported"]
 
@@ -84,11 +85,11 @@ class Experts(nn.Module):
     ):
         super().__init__()
         if implementation not in ("auto", "bmm", "grouped_mm", "loop"):
-            raise ValueError(f"implementation must be 'auto', 'bmm', 'grouped_mm' or 'loop'; got {implementation!r}")
+            raise ConfigError(f"implementation must be 'auto', 'bmm', 'grouped_mm' or 'loop'; got {implementation!r}")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.implementation = implementation
         if expert_type not in ("mlp", "swiglu"):
-            raise ValueError(f"expert_type must be 'mlp' or 'swiglu'; got {expert_type!r}")
+            raise ConfigError(f"expert_type must be 'mlp' or 'swiglu'; got {expert_type!r}")
         self.expert_type = expert_type
         first = 2 * hidden_dim if expert_type == "swiglu" else hidden_dim
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, first))
@@ -110,7 +111,7 @@ class Experts(nn.Module):
         """Keep only EP rank `groups.ep_rank`'s experts (see vlmoe.moe.parallel)."""
         E, P = self.num_total_experts, groups.ep_size
         if E % P:
-            raise ValueError(
+            raise ConfigError(
                 f"{E} experts cannot be split evenly over an expert-parallel group of {P} ranks; "
                 f"use an expert_parallel_size that divides {E}"
             )

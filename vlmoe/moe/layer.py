@@ -17,8 +17,9 @@ from torch import nn
 
 from . import losses as L
 from .experts import Experts, Implementation
-from .parallel import expert_parallel_apply
+from .comm import expert_parallel_apply
 from .routing import compute_capacity, expert_choice_route, route, top_k_gates
+from ..errors import ConfigError
 
 __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_routing_context", "collect_aux", "ROUTERS"]
 
@@ -72,6 +73,12 @@ _DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
 }
 
 
+def _check_int(name: str, value, minimum: int, hint: str = "") -> None:
+    """A clear error for a non-integer or too small size (2.5, "8", True, 0, -4)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}{' ' + hint if hint else ''}; got {value!r}")
+
+
 @dataclass
 class MoEAux:
     """What one SparseMoE call leaves for the training loop."""
@@ -92,6 +99,8 @@ class SparseMoE(nn.Module):
         capacity_factor: buffer slots per expert = ceil(S*K*cf/E) rounded to `multiple_of`;
             None routes dropless (every choice kept).
         batch_priority: Batch Prioritized Routing (V-MoE) instead of priority by position.
+            Default (None): on for "topk" (V-MoE), off for "switch" and "gshard", which place
+            tokens by position as their papers do.
         router: "topk" (V-MoE), "switch" (top-1), "gshard" (top-2 with random routing of
             the second expert in training) or "expert_choice" (each expert takes its top-C).
         noise_scale: training noise std = noise_scale / E added to the router logits
@@ -118,7 +127,7 @@ class SparseMoE(nn.Module):
         num_experts: int = 8,
         top_k: int | None = None,
         capacity_factor: float | None = 1.0,
-        batch_priority: bool = True,
+        batch_priority: bool | None = None,
         router: RouterName = "topk",
         noise_scale: float | None = None,
         group_size: int | None = None,
@@ -139,24 +148,31 @@ class SparseMoE(nn.Module):
         modality_overrides: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
+        _check_int("dim", dim, 1)
+        if hidden_dim is not None:
+            _check_int("hidden_dim", hidden_dim, 1)
+        _check_int("num_experts", num_experts, 1)
+        if top_k is not None:
+            _check_int("top_k", top_k, 1)
+        if group_size is not None:
+            _check_int("group_size", group_size, 1, "or None")
+        _check_int("multiple_of", multiple_of, 0, "(0 or 1: no rounding)")
+        if capacity_factor is not None and (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))):
+            raise ConfigError(f"capacity_factor must be a number > 0 (or None for dropless routing); got {capacity_factor!r}")
         if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
+            raise ConfigError(f"unknown router {router!r}; choose one of {ROUTERS}")
         if gate not in GATES:
-            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+            raise ConfigError(f"unknown gate {gate!r}; choose one of {GATES}")
         if gate == "topk_softmax" and router == "expert_choice":
-            raise ValueError("gate='topk_softmax' selects experts per token; expert choice selects tokens per expert")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1; got {num_experts}")
+            raise ConfigError("gate='topk_softmax' selects experts per token; expert choice selects tokens per expert")
         default_k = {"switch": 1, "gshard": 2}.get(router, 1)
         top_k = default_k if top_k is None else top_k
         if router in ("switch", "gshard") and top_k != default_k:
-            raise ValueError(f"router={router!r} routes to exactly {default_k} expert(s); got top_k={top_k}")
+            raise ConfigError(f"router={router!r} routes to exactly {default_k} expert(s); got top_k={top_k}")
         if router != "expert_choice" and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}]; got top_k={top_k}")
+            raise ConfigError(f"top_k must be in [1, num_experts={num_experts}]; got top_k={top_k}")
         if router == "expert_choice" and capacity_factor is None:
-            raise ValueError("router='expert_choice' needs a capacity_factor (each expert takes C tokens)")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be >= 1 or None; got {group_size}")
+            raise ConfigError("router='expert_choice' needs a capacity_factor (each expert takes C tokens)")
         self.dim, self.hidden_dim = dim, hidden_dim or 4 * dim
         self.num_experts, self.top_k, self.router_name = num_experts, top_k, router
         self.noise_scale = (1.0 if router == "topk" else 0.0) if noise_scale is None else noise_scale
@@ -171,8 +187,10 @@ class SparseMoE(nn.Module):
             global_entropy_weight=global_entropy_weight,
         )
         weights.update({k: v for k, v in given.items() if v is not None})
+        if batch_priority is None:
+            batch_priority = router not in ("switch", "gshard")
         self.options = RoutingOptions(
-            capacity_factor=capacity_factor, batch_priority=batch_priority,
+            capacity_factor=capacity_factor, batch_priority=bool(batch_priority),
             global_entropy_threshold=global_entropy_threshold, **weights,
         )
         self.modality_options: dict[str, RoutingOptions] = {}
@@ -180,7 +198,7 @@ class SparseMoE(nn.Module):
         for modality, overrides in (modality_overrides or {}).items():
             unknown = set(overrides) - names
             if unknown:
-                raise ValueError(f"unknown routing option(s) {sorted(unknown)} for modality {modality!r}; known: {sorted(names)}")
+                raise ConfigError(f"unknown routing option(s) {sorted(unknown)} for modality {modality!r}; known: {sorted(names)}")
             self.modality_options[modality] = replace(self.options, **overrides)
         for opts in [self.options, *self.modality_options.values()]:
             if opts.capacity_factor is not None:
@@ -244,8 +262,10 @@ class SparseMoE(nn.Module):
         -1 if dropped), weight_N, and the capacity per group and expert (None: dropless)."""
         G, S, E = gates_GSE.shape
         device = gates_GSE.device
+        # Capacity comes from the real tokens of the fullest group, never from padding.
+        n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
         if self.router_name == "expert_choice":
-            C = compute_capacity(S, E, 1, opts.capacity_factor, self.multiple_of)
+            C = compute_capacity(max(n_valid, 1), E, 1, opts.capacity_factor, self.multiple_of)
             token_GEC, weight_GEC = expert_choice_route(gates_GSE, C, mask_GS)
             C = token_GEC.shape[-1]
             expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, C)
@@ -258,7 +278,6 @@ class SparseMoE(nn.Module):
                     slot_GEC.reshape(-1), weight_GEC.reshape(-1), C)
 
         K = self.top_k
-        n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
         capacity = None
         if opts.capacity_factor is not None:
             capacity = compute_capacity(max(n_valid, 1), E, K, opts.capacity_factor, self.multiple_of)
@@ -293,14 +312,14 @@ class SparseMoE(nn.Module):
         modality = modality if modality is not None else ctx_modality
         mask = mask if mask is not None else ctx_mask
         if x.ndim < 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"SparseMoE(dim={self.dim}) expects [..., {self.dim}] input; got shape {tuple(x.shape)}")
+            raise ConfigError(f"SparseMoE(dim={self.dim}) expects [..., {self.dim}] input; got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
         T, D, E = x_TD.shape[0], self.dim, self.num_experts
         if mask is None:
             mask_T = torch.ones(T, dtype=torch.bool, device=x.device)
         else:
             if mask.shape != x.shape[:-1]:
-                raise ValueError(f"token mask must have shape {tuple(x.shape[:-1])} (input without its last dim); got {tuple(mask.shape)}")
+                raise ConfigError(f"token mask must have shape {tuple(x.shape[:-1])} (input without its last dim); got {tuple(mask.shape)}")
             mask_T = mask.reshape(T).to(torch.bool)
         opts = self.options_for(modality)
 
@@ -395,7 +414,8 @@ class SparseMoE(nn.Module):
                 "mean_gate": (clean_gates_TE * mask_T.unsqueeze(-1)).sum(0) / n_tokens.clamp_min(1),
                 "num_tokens": n_tokens.float(),
                 # Fraction of (token, choice) pairs dropped; for expert choice: of tokens unrouted.
-                "dropped_frac": 1.0 - n_kept.float() / n_choices.clamp_min(1)
+                # No token: nothing was dropped (0, not 1).
+                "dropped_frac": (n_choices - n_kept).float() / n_choices.clamp_min(1)
                 if self.router_name != "expert_choice"
                 else ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
                 "dropped_token_frac": ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from ..errors import ConfigError
 
 __all__ = [
     "importance_loss",
@@ -23,16 +24,23 @@ __all__ = [
 
 def _groups(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if x.ndim not in (2, 3):
-        raise ValueError(f"expected [S, E] or [G, S, E]; got shape {tuple(x.shape)}")
+        raise ConfigError(f"expected [S, E] or [G, S, E]; got shape {tuple(x.shape)}")
     x_GSE = x if x.ndim == 3 else x.unsqueeze(0)
     G, S, _ = x_GSE.shape
     if mask is None:
         w_GS = torch.ones(G, S, dtype=x_GSE.dtype, device=x_GSE.device)
     else:
         if mask.numel() != G * S:
-            raise ValueError(f"mask must have {G}x{S} elements; got shape {tuple(mask.shape)}")
+            raise ConfigError(f"mask must have {G}x{S} elements; got shape {tuple(mask.shape)}")
         w_GS = mask.reshape(G, S).to(x_GSE.dtype)
     return x_GSE, w_GS
+
+
+def _mean_over_groups(v_G: torch.Tensor, w_GS: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-group loss over the groups that hold at least one real token: a group
+    of nothing but padding (possible with `group_size`) must not dilute the loss."""
+    real_G = (w_GS.sum(1) > 0).to(v_G.dtype)
+    return (v_G * real_G).sum() / real_G.sum().clamp_min(1.0)
 
 
 def _masked_mean_tokens(v_GSE: torch.Tensor, w_GS: torch.Tensor) -> torch.Tensor:
@@ -52,7 +60,7 @@ def importance_loss(gates: torch.Tensor, mask: torch.Tensor | None = None) -> to
     """V-MoE importance loss: CV^2 of the per-expert sum of (clean) gate probabilities."""
     gates_GSE, w_GS = _groups(gates, mask)
     importance_GE = (gates_GSE * w_GS.unsqueeze(-1)).sum(1)
-    return cv_squared(importance_GE).mean()
+    return _mean_over_groups(cv_squared(importance_GE), w_GS)
 
 
 def load_loss(
@@ -66,17 +74,17 @@ def load_loss(
     the token's top-k if the noise were resampled,
     P = 1 - Phi((k-th largest noisy logit - clean logit) / noise_std)."""
     if noise_std <= 0:
-        raise ValueError(f"load_loss needs noise_std > 0 (noisy gating); got {noise_std}")
+        raise ConfigError(f"load_loss needs noise_std > 0 (noisy gating); got {noise_std}")
     if logits.shape != noisy_logits.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and noisy_logits {tuple(noisy_logits.shape)} differ in shape")
+        raise ConfigError(f"logits {tuple(logits.shape)} and noisy_logits {tuple(noisy_logits.shape)} differ in shape")
     logits_GSE, w_GS = _groups(logits, mask)
     noisy_GSE = noisy_logits if noisy_logits.ndim == 3 else noisy_logits.unsqueeze(0)
     if not 1 <= top_k <= logits_GSE.shape[-1]:
-        raise ValueError(f"top_k must be in [1, {logits_GSE.shape[-1]}]; got {top_k}")
+        raise ConfigError(f"top_k must be in [1, {logits_GSE.shape[-1]}]; got {top_k}")
     threshold_GS1 = noisy_GSE.topk(top_k, dim=-1).values[..., -1:]
     z_GSE = (threshold_GS1 - logits_GSE) / noise_std
     p_GSE = 0.5 * torch.erfc(z_GSE / math.sqrt(2.0))  # 1 - Phi(z), accurate in the tails
-    return cv_squared(_masked_mean_tokens(p_GSE, w_GS)).mean()
+    return _mean_over_groups(cv_squared(_masked_mean_tokens(p_GSE, w_GS)), w_GS)
 
 
 def balance_loss(gates: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,14 +95,15 @@ def balance_loss(gates: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     top1_GSE = torch.nn.functional.one_hot(gates_GSE.argmax(-1), E).to(gates_GSE.dtype)
     f_GE = _masked_mean_tokens(top1_GSE, w_GS)
     p_GE = _masked_mean_tokens(gates_GSE, w_GS)
-    return (E * (f_GE * p_GE).sum(-1)).mean()
+    return _mean_over_groups(E * (f_GE * p_GE).sum(-1), w_GS)
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
     logits_GSE, w_GS = _groups(logits, mask)
     z_GS = torch.logsumexp(logits_GSE.float(), dim=-1).square()
-    return ((z_GS * w_GS).sum(1) / w_GS.sum(1).clamp_min(1.0)).mean()
+    w_GS = w_GS.to(z_GS.dtype)
+    return _mean_over_groups((z_GS * w_GS).sum(1) / w_GS.sum(1).clamp_min(1.0), w_GS)
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -106,7 +115,7 @@ def local_entropy_loss(gates: torch.Tensor, mask: torch.Tensor | None = None) ->
     Minimising it makes each token's routing confident."""
     gates_GSE, w_GS = _groups(gates, mask)
     h_GS = _entropy(gates_GSE)
-    return ((h_GS * w_GS).sum(1) / w_GS.sum(1).clamp_min(1.0)).mean()
+    return _mean_over_groups((h_GS * w_GS).sum(1) / w_GS.sum(1).clamp_min(1.0), w_GS)
 
 
 def global_entropy_loss(
@@ -119,4 +128,4 @@ def global_entropy_loss(
     neg_h_G = -_entropy(_masked_mean_tokens(gates_GSE, w_GS))
     if threshold is not None:
         neg_h_G = torch.clamp_min(threshold + neg_h_G, 0.0)
-    return neg_h_G.mean()
+    return _mean_over_groups(neg_h_G, w_GS)

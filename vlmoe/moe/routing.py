@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ..errors import ConfigError
 
 __all__ = ["Routing", "compute_capacity", "route", "expert_choice_route", "top_k_gates"]
 
@@ -31,18 +32,19 @@ def compute_capacity(
     """Buffer slots per expert: ceil(group_size * top_k * capacity_factor / num_experts),
     rounded up to a multiple of `multiple_of` (vmoe's `compute_capacity`)."""
     if group_size < 1 or num_experts < 1 or top_k < 1:
-        raise ValueError(
+        raise ConfigError(
             f"compute_capacity needs group_size, num_experts and top_k >= 1; "
             f"got group_size={group_size}, num_experts={num_experts}, top_k={top_k}"
         )
-    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
-        raise ValueError(
+    number = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+    if not (number and capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ConfigError(
             f"capacity_factor must be a positive finite number (or None for dropless routing "
             f"in SparseMoE); got {capacity_factor!r}"
         )
     capacity = math.ceil(group_size * top_k * capacity_factor / num_experts)
     if capacity < 1:  # pragma: no cover - ceil of a positive number is >= 1
-        raise ValueError(
+        raise ConfigError(
             f"capacity_factor={capacity_factor} gives capacity {capacity} for {num_experts} experts "
             f"and {group_size} tokens; increase capacity_factor"
         )
@@ -72,11 +74,11 @@ class Routing:
 
 def _check_gates(gates: torch.Tensor, name: str = "gates") -> torch.Tensor:
     if gates.ndim not in (2, 3):
-        raise ValueError(f"{name} must be [S, E] or [G, S, E]; got shape {tuple(gates.shape)}")
+        raise ConfigError(f"{name} must be [S, E] or [G, S, E]; got shape {tuple(gates.shape)}")
     if not gates.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor of probabilities; got {gates.dtype}")
     if not torch.isfinite(gates).all():
-        raise ValueError(
+        raise ConfigError(
             f"{name} contain non-finite values (NaN or inf): check the router input and "
             f"weights, or lower the learning rate"
         )
@@ -115,9 +117,9 @@ def route(
     gates_GSE = _check_gates(gates)
     G, S, E = gates_GSE.shape
     if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, num_experts={E}]; got top_k={top_k}")
+        raise ConfigError(f"top_k must be in [1, num_experts={E}]; got top_k={top_k}")
     if capacity is not None and capacity < 1:
-        raise ValueError(f"capacity must be >= 1 (or None for dropless); got {capacity}")
+        raise ConfigError(f"capacity must be >= 1 (or None for dropless); got {capacity}")
     K = top_k
     device = gates_GSE.device
 
@@ -126,11 +128,11 @@ def route(
     if mask is not None:
         mask_GS = mask.reshape(G, S) if mask.numel() == G * S else None
         if mask_GS is None or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)} {mask.dtype}")
+            raise ConfigError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)} {mask.dtype}")
         valid_GSK &= mask_GS.unsqueeze(-1)
     if keep is not None:
         if keep.numel() != G * S * K or keep.dtype != torch.bool:
-            raise ValueError(f"keep must be a bool tensor with {G}x{S}x{K} elements; got {tuple(keep.shape)}")
+            raise ConfigError(f"keep must be a bool tensor with {G}x{S}x{K} elements; got {tuple(keep.shape)}")
         valid_GSK &= keep.reshape(G, S, K)
 
     if batch_priority:
@@ -180,12 +182,12 @@ def expert_choice_route(
     gates_GSE = _check_gates(gates)
     G, S, E = gates_GSE.shape
     if capacity < 1:
-        raise ValueError(f"capacity must be >= 1; got {capacity}")
+        raise ConfigError(f"capacity must be >= 1; got {capacity}")
     C = min(capacity, S)
     scores_GES = gates_GSE.transpose(1, 2)
     if mask is not None:
         if mask.numel() != G * S or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)}")
+            raise ConfigError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)}")
         scores_GES = scores_GES.masked_fill(~mask.reshape(G, 1, S), -1.0)
     values_GEC, token_GEC = torch.sort(scores_GES, dim=-1, descending=True, stable=True)
     values_GEC, token_GEC = values_GEC[..., :C], token_GEC[..., :C]

@@ -14,6 +14,7 @@ from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
 from .pictures import routing_picture
+from ..errors import ConfigError
 
 __all__ = ["LIMoEModule", "FinalCheckpoint"]
 
@@ -209,7 +210,7 @@ class LIMoEModule(L.LightningModule):
             self._feats["text"].append(out["text_features"].float())
         elif "label" in batch:
             if self._classifier is None:
-                raise ValueError("labelled (zero-shot) shards need class names and templates in the data module")
+                raise ConfigError("labelled (zero-shot) shards need class names and templates in the data module")
             feats = self.model.encode_image(batch["image"], normalize=True)
             if stand_in:
                 return

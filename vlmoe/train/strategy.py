@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..moe import parallel as par
+from ..errors import ConfigError
 
 __all__ = ["ExpertParallelStrategy", "ExpertParallelMonitor"]
 
@@ -55,7 +56,7 @@ class ExpertParallelStrategy(DDPStrategy):
     ):
         super().__init__(start_method=start_method, process_group_backend=process_group_backend, timeout=timeout, **kwargs)
         if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
-            raise ValueError(f"expert_parallel_size must be a positive integer; got {expert_parallel_size!r}")
+            raise ConfigError(f"expert_parallel_size must be a positive integer; got {expert_parallel_size!r}")
         self.expert_parallel_size = expert_parallel_size
         self.log_all_to_all = log_all_to_all
         self.groups: par.ExpertParallelGroups | None = None
