@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import vlmoe
+from vlmoe.cli import run_console
 from vlmoe.models.factory import load_model
 
 
@@ -25,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_console(main, "export.py"))

@@ -290,7 +290,7 @@ def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards
     assert ckpt["global_step"] == 2
 
     args = ["validate", "--config", str(CONFIGS / "limoe_tiny.yaml"), f"--ckpt_path={path}",
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
             f"--data.val_shards={shards['val']}", f"--data.zeroshot_shards={shards['zeroshot']}",
             f"--data.classnames={shards['classnames']}", f"--data.templates={shards['templates']}",
             "--data.train_shards=null", "--data.val_batch_size=8", "--trainer.precision=bf16-mixed",

@@ -23,7 +23,7 @@ def fit_args(shards, root, config="limoe_tiny.yaml", steps=4, extra=()):
         f"--data.zeroshot_shards={shards['zeroshot']}", f"--data.classnames={shards['classnames']}",
         f"--data.templates={shards['templates']}", f"--trainer.max_steps={steps}", "--data.batch_size=8",
         "--data.val_batch_size=8", "--data.samples_per_epoch=16", "--model.warmup_steps=2",
-        f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *FAST, *extra,
+        f"--trainer.default_root_dir={root}", *FAST, *extra,
     ]
 
 
@@ -68,7 +68,7 @@ def test_validate_and_test_stages_report_metrics(shards, tmp_path):
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     for stage in ("validate", "test"):
         args = [stage, "--config", str(CONFIGS / "limoe_tiny.yaml"), f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.val_shards={shards['val']}",
+                f"--data.val_shards={shards['val']}",
                 f"--data.zeroshot_shards={shards['zeroshot']}", f"--data.test_shards={shards['val']}",
                 f"--data.zeroshot_test_shards={shards['zeroshot']}", f"--data.classnames={shards['classnames']}",
                 f"--data.templates={shards['templates']}", "--data.train_shards=null", "--data.val_batch_size=8", *FAST]

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vlmoe
+from vlmoe.errors import DataError
 from vlmoe.cli import zeroshot_main
 from vlmoe.data.text import load_classnames, load_templates
 from vlmoe.eval import retrieval_metrics
@@ -129,7 +130,7 @@ def test_zeroshot_cli_json_with_every_model_kind(tmp_path, shards):
 
 def test_zeroshot_cli_imagefolder_and_bad_input(tmp_path, shards):
     root = tmp_path / "folder"
-    for i, c in enumerate(["a", "b"]):
+    for i, c in enumerate(["alpha", "beta"]):
         (root / c).mkdir(parents=True)
         for j in range(3):
             Image.new("RGB", (40, 40), (250 * (i == 0), 0, 250 * (i == 1))).save(root / c / f"{j}.png")
@@ -137,11 +138,11 @@ def test_zeroshot_cli_imagefolder_and_bad_input(tmp_path, shards):
     names.write_text("alpha\nbeta\n")
     rows = json.loads(run_cli(["--model", "clip-tiny", "--data", str(root), "--classnames", str(names), "--templates", "digits", "--json", "--num-workers", "0"]))
     assert rows[0]["n"] == 6
-    three = tmp_path / "three.txt"
-    three.write_text("alpha\nbeta\ngamma\n")
-    with pytest.raises(ValueError, match="2 class folders but the class-names file lists 3"):
-        run_cli(["--model", "clip-tiny", "--data", str(root), "--classnames", str(three), "--templates", "digits"])
-    with pytest.raises(ValueError, match="label 3 in the data but only 2 class names"):
+    other = tmp_path / "other_names.txt"
+    other.write_text("gamma\ndelta\n")
+    with pytest.raises(DataError, match="do not match the 2 class names"):
+        run_cli(["--model", "clip-tiny", "--data", str(root), "--classnames", str(other), "--templates", "digits"])
+    with pytest.raises(DataError, match="label [23] in the data is outside \\[0, 2\\)"):
         run_cli(["--model", "clip-tiny", "--data", shards["zeroshot"], "--classnames", str(names), "--templates", "digits", "--num-workers", "0"])
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

@@ -1,11 +1,66 @@
-"""Console scripts."""
+"""Console scripts. Each behaves like a shell tool: status 0 on success; a user's mistake
+(`vlmoe.errors.VLMoEError`) is one line on stderr with status 2 (`--debug` or VLMOE_DEBUG=1
+keeps its traceback); a bug keeps its traceback; `--json` prints only JSON on stdout."""
 from __future__ import annotations
 
 import argparse
 import json
-from .errors import DataError
+import os
+import re
+import sys
 
-__all__ = ["info_main", "cli_main", "zeroshot_main"]
+from .errors import ConfigError, DataError, VLMoEError
+
+__all__ = ["info_main", "cli_main", "zeroshot_main", "folder_labels", "vlmoe_console", "info_console", "zeroshot_console", "run_console"]
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user-facing error on one line. An error re-raised by a DataLoader
+    worker carries the worker's traceback in its message: keep only the original message."""
+    msg = str(exc)
+    if msg.startswith("Caught ") and "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        msg = re.sub(r"^[\w.]+(Error|Found): ", "", last.strip())
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+def run_console(main, prog: str, argv: list[str] | None = None) -> int:
+    """Run a console entry point and turn its outcome into an exit status."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VLMOE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except SIGTERMException as e:  # a SystemExit(None) that Lightning raises on SIGTERM: not a success
+        ckpt = getattr(e, "checkpoint", None)
+        where = f" at step {e.step}" if hasattr(e, "step") else ""
+        saved = f"; saved {ckpt} (resume with --ckpt_path {ckpt})" if ckpt else ""
+        print(f"{prog}: stopped by SIGTERM{where}{saved}", file=sys.stderr, flush=True)
+        return 143
+    except VLMoEError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def vlmoe_console() -> None:
+    """`vlmoe fit|validate|test ...`"""
+    sys.exit(run_console(cli_main, "vlmoe"))
+
+
+def info_console() -> None:
+    sys.exit(run_console(info_main, "vlmoe-info"))
+
+
+def zeroshot_console() -> None:
+    sys.exit(run_console(zeroshot_main, "vlmoe-zeroshot"))
 
 
 def cli_main(args: list[str] | None = None, run: bool = True):
@@ -37,7 +92,11 @@ def info_main(argv: list[str] | None = None) -> None:
     if a.list:
         print("\n".join(list_models()))
         return
+    from .models.factory import get_model_config
+
     names = []
+    for n in a.models:
+        get_model_config(n)  # an unknown name is named as such, with the known ones
     for n in a.models or list_models():
         for m in (n,) if a.no_baseline else (n, dense_baseline(n)):
             if m not in names:
@@ -55,6 +114,25 @@ def info_main(argv: list[str] | None = None) -> None:
               f"| {s['flops_image'] / 1e9:.2f} | {s['flops_text'] / 1e9:.3f} |")
 
 
+def folder_labels(folders: list[str], classnames: list[str], where: str = "the ImageFolder") -> list[int]:
+    """The label of each ImageFolder class folder (in ImageFolder's sorted order). A folder
+    named like a class name (case and `_` for spaces aside) gets that name's label; folders
+    named 0..C-1 are label indices. Anything else is refused: sorted folder order says
+    nothing about the class-names file's order."""
+    norm = lambda n: n.replace("_", " ").strip().casefold()  # noqa: E731
+    by_name = {norm(c): i for i, c in enumerate(classnames)}
+    if all(norm(f) in by_name for f in folders):
+        return [by_name[norm(f)] for f in folders]
+    if all(f.isdigit() and int(f) < len(classnames) for f in folders):
+        return [int(f) for f in folders]
+    unmatched = [f for f in folders if norm(f) not in by_name]
+    raise DataError(
+        f"the class folders of {where} do not match the {len(classnames)} class names ({len(unmatched)} of {len(folders)} "
+        f"folders unmatched, e.g. {unmatched[:3]}; names e.g. {classnames[:3]}): name each folder after its class "
+        f"(spaces as _) or by its label index 0..{len(classnames) - 1}"
+    )
+
+
 def _zeroshot_loader(data: str, image_size, batch_size: int, num_workers: int, classnames: list[str]):
     """Labelled batches from a torchvision ImageFolder or from `cls`-labelled shards."""
     from pathlib import Path
@@ -68,9 +146,11 @@ def _zeroshot_loader(data: str, image_size, batch_size: int, num_workers: int, c
     if Path(data).is_dir():
         from torchvision.datasets import ImageFolder
 
-        ds = ImageFolder(data, transform=transform)
-        if len(ds.classes) != len(classnames):
-            raise DataError(f"{data} has {len(ds.classes)} class folders but the class-names file lists {len(classnames)} names")
+        try:
+            ds = ImageFolder(data, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"{data} is not a usable ImageFolder ({data}/<class>/<image>): {e}") from None
+        ds.target_transform = folder_labels(ds.classes, classnames, data).__getitem__
 
         def to_dict(items):
             return collate([{"image": x, "label": y, "skipped": 0} for x, y in items])

@@ -12,7 +12,7 @@ from ..models.factory import resolve_config
 from .pipeline import collate, make_dataset
 from .shards import count_samples, expand_shards
 from .text import load_classnames, load_templates
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["ClipDataModule", "model_input_spec"]
 
@@ -69,10 +69,16 @@ class ClipDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1; got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("num_workers", num_workers),
+                            ("samples_per_epoch", samples_per_epoch), ("shuffle_buffer", shuffle_buffer)):
+            low = 0 if name in ("num_workers", "shuffle_buffer") else 1
+            if value is None and name == "val_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"--data.{name} must be an integer >= {low}; got {value!r}")
         self.save_hyperparameters()
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.batch_size = batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.image_size, self.context_length = model_input_spec(model_name)
@@ -90,6 +96,8 @@ class ClipDataModule(L.LightningDataModule):
                         f"val_batch_size={self.val_batch_size} is larger than the {n} samples in the {name} shards; "
                         f"lower --data.val_batch_size (or --data.batch_size)"
                     )
+        if "train" in self.urls:
+            self._check_epoch(world_size=1)
         self.classnames = self.templates = None
         if "zeroshot" in self.urls or "zeroshot_test" in self.urls:
             if not classnames or not templates:
@@ -108,10 +116,25 @@ class ClipDataModule(L.LightningDataModule):
             drop_last=train, persistent_workers=False, pin_memory=False,
         )
 
+    def _check_epoch(self, world_size: int) -> int:
+        """Samples per DataLoader worker per epoch. Each worker batches its own stream, so a
+        worker with fewer samples than a batch makes no step at all: an epoch of 0 steps,
+        which Lightning would repeat forever."""
+        workers = world_size * max(1, self.num_workers)
+        per_worker = self.samples_per_epoch // workers
+        if per_worker < self.batch_size:
+            raise ConfigError(
+                f"--data.samples_per_epoch={self.samples_per_epoch} gives each of the {workers} data streams "
+                f"({world_size} device(s) x {max(1, self.num_workers)} worker(s)) {per_worker} samples per epoch, fewer "
+                f"than --data.batch_size={self.batch_size}: an epoch would have no step. Use samples_per_epoch >= "
+                f"{self.batch_size * workers}"
+            )
+        return per_worker
+
     def train_dataloader(self):
         if "train" not in self.urls:
             raise DataError("fit needs training shards: pass --data.train_shards")
-        per_worker = max(1, self.samples_per_epoch // (self._world() * max(1, self.num_workers)))
+        per_worker = self._check_epoch(self._world())
         # A resumed run continues with fresh shard draws instead of replaying the first ones.
         step = self.trainer.global_step if self.trainer is not None else 0
         ds = make_dataset(self.urls["train"], self.train_transform, self.tokenizer, train=True,

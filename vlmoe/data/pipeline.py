@@ -10,48 +10,146 @@ import functools
 import io
 import itertools
 import logging
+import math
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from ..errors import DataError
 from .shards import IMAGE_KEYS
 
-__all__ = ["decode_samples", "make_dataset", "equalize_stream", "log_and_continue"]
+__all__ = ["decode_samples", "make_dataset", "equalize_stream", "log_and_continue", "StreamGuard", "SKIP_REASONS", "to_rgb"]
 
 log = logging.getLogger("vlmoe.data")
 
+# Why a sample was skipped; the order is the order of the end-of-run summary.
+SKIP_REASONS = ("corrupt image", "no image", "missing caption", "empty caption", "undecodable caption", "bad label")
+
+# Shards that failed in this process since the last sample handed on, and how often each
+# failed (for rate-limited warnings). Module-level because webdataset's handler is a plain
+# function; each DataLoader worker is its own process with its own copy.
+_UNREADABLE: list[str] = []
+_FAILURES: dict[str, int] = {}
+
+
+def _url_of(exn: Exception) -> str | None:
+    return next((a for a in getattr(exn, "args", ()) if isinstance(a, str) and (".tar" in a or a.startswith("pipe:"))), None)
+
 
 def log_and_continue(exn: Exception) -> bool:
-    """webdataset handler: name the shard that failed and go on."""
-    url = next((a for a in getattr(exn, "args", ()) if isinstance(a, str) and (".tar" in a or a.startswith("pipe:"))), None)
-    log.warning("skipping unreadable shard data%s: %s", f" in {url}" if url else "", exn)
+    """webdataset handler: name the shard that failed and go on. Warnings for the same shard
+    are rate-limited (1st, 10th, 100th... failure), so a resampled stream over a broken
+    shard does not flood the log."""
+    url = _url_of(exn) or "?"
+    n = _FAILURES[url] = _FAILURES.get(url, 0) + 1
+    if url not in _UNREADABLE:
+        _UNREADABLE.append(url)
+    if n == 1 or math.log10(n).is_integer():
+        again = f" (failed {n} times)" if n > 1 else ""
+        log.warning("skipping unreadable shard data in %s%s: %s", url, again, str(exn).splitlines()[0] if str(exn) else type(exn).__name__)
     return True
 
 
-def _decode_image(sample: dict) -> Image.Image | None:
+class StreamGuard:
+    """Stops an endless (resampled) training stream that cannot yield a sample, instead of
+    spinning forever: empty, zero-byte or non-tar shards, failing `pipe:` commands, shards
+    whose every sample is corrupt. It raises a DataError once every shard has been read since
+    the last sample came out (or after 10 x shards + 10 reads, whichever comes first).
+
+    `shards` sits after the shard list, `samples` right after tar reading (before the
+    shuffle buffer, which would delay the signal), and `decoded` after decoding (all-corrupt
+    shards yield raw samples but nothing usable)."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = list(dict.fromkeys(urls))
+        self.reads = 0
+        self.read_since_sample: set[str] = set()
+        self.bad_since_good: set[str] = set()
+
+    def _names(self) -> str:
+        shown = ", ".join(self.urls[:3]) + (f" ... ({len(self.urls)} shards)" if len(self.urls) > 3 else "")
+        return shown
+
+    def shards(self, src: Iterator[dict]) -> Iterator[dict]:
+        bound = 10 * len(self.urls) + 10
+        for item in src:
+            if len(self.read_since_sample) >= len(self.urls) or self.reads >= bound:
+                raise DataError(
+                    f"the training shards yield no samples: {len(self.read_since_sample)} of {len(self.urls)} shards read "
+                    f"{self.reads} times without one sample ({self._names()}); they are empty, not tar files, or their "
+                    f"pipe: command fails. Check --data.train_shards"
+                )
+            self.reads += 1
+            self.read_since_sample.add(item["url"])
+            yield item
+
+    def samples(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            self.reads = 0
+            self.read_since_sample.clear()
+            yield sample
+
+    def decoded(self, src: Iterator[dict]) -> Iterator[dict]:
+        reasons: dict[str, int] = {}
+        for sample in src:
+            if sample.get("image") is not None:
+                self.bad_since_good.clear()
+                reasons = {}
+            else:
+                for k, v in sample.get("skip_reasons", {}).items():
+                    reasons[k] = reasons.get(k, 0) + v
+                self.bad_since_good.update(sample.get("bad_urls", ()))
+                if len(self.bad_since_good) >= len(self.urls):
+                    why = ", ".join(f"{k} {v}" for k, v in reasons.items())
+                    raise DataError(
+                        f"the training shards hold no usable sample: every sample read from all {len(self.urls)} shards "
+                        f"was skipped ({why}) ({self._names()}). Check the images and captions in --data.train_shards"
+                    )
+            yield sample
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. High-bit-depth grayscale (16-bit PNG: mode I;16 / I, float: F) is scaled to
+    0..255 first: PIL's own convert("RGB") clips it, which turns a 16-bit image white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and a.max(initial=0) <= 255 and a.min(initial=0) >= 0:
+            scale = 1.0  # 8-bit values stored as 32-bit
+        else:
+            scale = 255.0 / 65535.0
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0  # [0, 1] floats, else already 0..255
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def _decode_image(sample: dict) -> tuple[Image.Image | None, str | None]:
     for key in IMAGE_KEYS:
         data = sample.get(key)
         if data is not None:
             try:
                 img = Image.open(io.BytesIO(data))
                 img.load()  # force full decode: truncated files fail here, not later
-                return img.convert("RGB")
+                return to_rgb(img), None
             except Exception:  # noqa: BLE001 - any decoding failure makes the sample bad
-                return None
-    return None
+                return None, "corrupt image"
+    return None, "no image"
 
 
-def _decode_text(sample: dict) -> str | None:
+def _decode_text(sample: dict) -> tuple[str | None, str | None]:
     data = sample.get("txt")
     if data is None:
-        return None
+        return None, "missing caption"
     try:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        return None
-    return text or None
+        return None, "undecodable caption"
+    return (text, None) if text else (None, "empty caption")
 
 
 def decode_samples(
@@ -61,30 +159,48 @@ def decode_samples(
     need_text: bool = True,
     need_label: bool = False,
 ) -> Iterator[dict]:
-    """Raw webdataset samples -> {"image", "text"?, "label"?, "skipped"}."""
-    skipped = 0
+    """Raw webdataset samples -> {"image", "text"?, "label"?, "skipped", "skip_reasons",
+    "unreadable"}: each good sample carries the bad samples (by reason) and the unreadable
+    shards seen since the previous one, so the counts survive DataLoader workers."""
+    reasons: dict[str, int] = {}
+    bad_urls: set[str] = set()
+
+    def report(out: dict) -> dict:
+        out["skipped"] = sum(reasons.values())
+        out["skip_reasons"] = dict(reasons)
+        out["unreadable"] = list(_UNREADABLE)
+        _UNREADABLE.clear()
+        return out
+
     for sample in src:
-        image = _decode_image(sample)
-        text = _decode_text(sample) if need_text else None
+        image, why = _decode_image(sample)
+        text = None
+        if why is None and need_text:
+            text, why = _decode_text(sample)
         label = None
-        if need_label:
+        if why is None and need_label:
             try:
                 label = int(sample["cls"].decode().strip())
             except Exception:  # noqa: BLE001 - missing or malformed label
-                label = None
-        if image is None or (need_text and text is None) or (need_label and label is None):
-            skipped += 1
+                why = "bad label"
+        if why is not None:
+            reasons[why] = reasons.get(why, 0) + 1
+            bad_urls.add(sample.get("__url__", "?"))
+            if len(bad_urls) > 1 or sum(reasons.values()) % 256 == 0:
+                # Let the stream guard see a run of bad samples spanning shards.
+                yield {**report({"image": None}), "bad_urls": sorted(bad_urls)}
+                reasons, bad_urls = {}, set()
             continue
-        out = {"image": image_transform(image), "skipped": skipped, "key": sample.get("__key__", "")}
-        skipped = 0
+        out = report({"image": image_transform(image), "key": sample.get("__key__", "")})
+        reasons, bad_urls = {}, set()
         if need_text:
             out["text"] = tokenizer([text])[0]
         if need_label:
             out["label"] = label
         yield out
-    if skipped:
-        # Bad samples at the very end of a worker's stream: report them with an empty marker.
-        yield {"skipped": skipped, "image": None}
+    if reasons or _UNREADABLE:
+        # Bad samples or unreadable shards at the very end of a stream: an empty marker.
+        yield {**report({"image": None}), "bad_urls": sorted(bad_urls)}
 
 
 def make_dataset(
@@ -109,20 +225,25 @@ def make_dataset(
     `equalize_stream`). `rank` / `world_size` are the caller's: DataLoader workers started
     with spawn do not see torch.distributed, so webdataset would take every rank for rank 0."""
     stages: list = []
+    guard = StreamGuard(urls) if train else None  # an endless stream must not spin on nothing
     if train:
         worker_seed = functools.partial(_rank_worker_seed, rank=rank)
-        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=worker_seed)]
+        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=worker_seed), guard.shards]
     else:
         stages += [wds.SimpleShardList(urls), functools.partial(split_by_rank, rank=rank, world_size=world_size),
                    wds.split_by_worker]
     stages += [wds.tarfile_to_samples(handler=log_and_continue)]
+    if train:
+        stages += [guard.samples]
     if train and shuffle_buffer > 1:
         stages += [wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed)]
     stages += [
-        # partials, not lambdas: DataLoader workers started with spawn pickle the pipeline
+        # partials and bound methods, not lambdas: DataLoader workers started with spawn pickle the pipeline
         functools.partial(decode_samples, image_transform=image_transform, tokenizer=tokenizer,
                           need_text=need_text, need_label=need_label),
     ]
+    if train:
+        stages += [guard.decoded]
     if shard_counts is not None and not train:
         stages += [functools.partial(equalize_stream, shard_counts=shard_counts, stand_in=stand_in,
                                      rank=rank, world_size=world_size)]
@@ -162,7 +283,7 @@ def equalize_stream(
     n = 0
     for sample in src:
         if sample["image"] is None:
-            sample = {**stand_in, "skipped": sample["skipped"], "pad": True}
+            sample = {**stand_in, **{k: sample[k] for k in ("skipped", "skip_reasons", "unreadable") if k in sample}, "pad": True}
         n += 1
         if n > bound:
             raise RuntimeError(
@@ -179,7 +300,16 @@ def collate(samples: list[dict]) -> dict:
     (bad samples at the end of a stream) included. Padding stand-ins (`equalize_stream`)
     are left out; a batch of nothing but stand-ins keeps one, with `valid` all False."""
     good = [s for s in samples if s["image"] is not None and not s.get("pad")]
-    out = {"skipped": torch.tensor(sum(int(s["skipped"]) for s in samples))}
+    out = {"skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples))}
+    reasons: dict[str, int] = {}
+    for s in samples:
+        for k, v in s.get("skip_reasons", {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+    unreadable = [u for s in samples for u in s.get("unreadable", ())]
+    if reasons:
+        out["skip_reasons"] = reasons
+    if unreadable:
+        out["unreadable"] = unreadable
     pads = [s for s in samples if s.get("pad")]
     if pads:
         out["valid"] = torch.ones(len(good) or 1, dtype=torch.bool)

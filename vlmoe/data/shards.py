@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def count_samples(urls: list[str]) -> int | None:
 
 class ShardWriter:
     """Writes samples as img2dataset does: `{key}.jpg`, `{key}.txt`, optional `{key}.json`
-    and `{key}.cls`, into numbered tar shards of at most `max_count` samples."""
+    and `{key}.cls`, into numbered tar shards of at most `max_count` samples. Each shard is
+    written under a hidden `.NAME.partial` name and renamed when complete, and a writer
+    left by an exception removes its partial shard: no reader ever sees half a shard."""
 
     def __init__(self, pattern: str, max_count: int = 10_000):
         if "%" not in pattern:
@@ -76,7 +79,9 @@ class ShardWriter:
         self.close()
         path = self.pattern % self.shard
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.tar = tarfile.open(path, "w")
+        self._partial = str(Path(path).with_name(f".{Path(path).name}.partial"))
+        self._final = path
+        self.tar = tarfile.open(self._partial, "w")
         self.paths.append(path)
         self.shard += 1
         self.count = 0
@@ -104,12 +109,24 @@ class ShardWriter:
         if self.tar is not None:
             self.tar.close()
             self.tar = None
+            os.replace(self._partial, self._final)
+
+    def abort(self):
+        """Drop the shard being written (the complete ones stay)."""
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+            Path(self._partial).unlink(missing_ok=True)
+            self.paths.pop()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 def read_lines(path: str | Path, what: str) -> list[str]:

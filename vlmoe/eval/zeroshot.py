@@ -21,11 +21,13 @@ def build_classifier(model, tokenizer, classnames: list[str], templates: list[st
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     """How many rows have their label among the top-k logits, for each k (k capped at C)."""
     num_classes = logits.shape[1]
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise DataError(
-            f"label {int(labels.max())} in the data but only {num_classes} class names: the class-names file "
-            f"must list one name per label, in label order"
-        )
+    if labels.numel():
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.numel():
+            raise DataError(
+                f"label {int(bad[0])} in the data is outside [0, {num_classes}) for the {num_classes} class names: labels "
+                f"(`cls`) must index the class-names file, one name per label in label order"
+            )
     top = logits.topk(min(max(ks), num_classes), dim=1).indices
     hits = top == labels.unsqueeze(1)
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}

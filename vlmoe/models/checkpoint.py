@@ -11,22 +11,67 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 from ..errors import ConfigError, CheckpointError, NotFound
 
-__all__ = ["read_state_dict", "load_state_dict_strict", "save_pretrained", "CheckpointError", "find_export"]
+__all__ = ["read_checkpoint", "read_state_dict", "load_state_dict_strict", "save_pretrained", "CheckpointError", "find_export"]
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
-def _torch_load(path: Path) -> dict:
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
+
+
+def _describe_start(head: bytes) -> str:
+    """What a file that is not a checkpoint looks like, from its first bytes."""
+    try:
+        text = head.decode("utf-8")
+        if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text):
+            return f"a text file (it starts with {text[:24]!r})"
+    except UnicodeDecodeError:
+        pass
+    return f"not a PyTorch checkpoint (it starts with bytes {head[:8].hex(' ')})"
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True) with one clear line for every way a file can be wrong.
+    The advice is never to load with weights_only=False: checkpoints are untrusted."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    expected = "expected a PyTorch checkpoint (a .ckpt from vlmoe fit, or a .pt/.bin written by torch.save) or a .safetensors file"
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint: was its write interrupted? {expected}")
+    if not (head.startswith(_ZIP) or head.startswith(_PICKLE)):
+        raise CheckpointError(f"{path} is {_describe_start(head)}: {expected}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        blocked = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+        if blocked:
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickle that would import and run code ({blocked}). "
+                f"Checkpoints are loaded as tensors and plain containers only; convert it to safetensors "
+                f"(vlmoe.save_pretrained or safetensors.torch.save_file) where you trust its origin"
+            ) from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
         raise CheckpointError(
-            f"refusing to load {path}: it is a pickle that holds more than tensors and plain "
-            f"containers (loading it could run arbitrary code). Convert it to safetensors from a "
-            f"trusted environment. Detail: {str(e).splitlines()[0]}"
+            f"refusing to load {path}: the safe loader (tensors and plain containers only) cannot read the pickle inside "
+            f"({detail}): the file is corrupt, or holds objects whose loading could run code. Convert it to safetensors "
+            f"where you trust its origin, or {expected[0].lower() + expected[1:]}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - zip/pickle readers raise many types for damaged files
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {detail[:120]}): {expected}") from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning / torch checkpoint as a dict (safely loaded), or one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"checkpoint not found: {path}")
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict: expected a .ckpt written by vlmoe fit")
+    return obj
 
 
 def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -53,8 +98,11 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
                 break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict ({{name: tensor}})")
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        bad = next(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (entry {bad!r} is a {type(sd[bad]).__name__})")
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if sd and all(k.startswith("module.") for k in sd):

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import find_export, load_state_dict_strict, read_state_dict
+from .checkpoint import find_export, read_checkpoint, load_state_dict_strict, read_state_dict
 from .model import VLMoEModel
 from ..errors import ConfigError, CheckpointError, NotFound
 
@@ -37,6 +37,7 @@ def get_model_config(name: str) -> dict:
 def dense_baseline(name: str) -> str:
     """The dense CLIP of the same width, depth, patch size and context length as a LIMoE
     config (limoe-b16-e32 -> clip-b16, limoe-tiny-widenet -> clip-tiny)."""
+    get_model_config(name)  # an unknown name is reported as unknown, with the known ones
     if name.startswith("clip-"):
         return name
     # variants of a LIMoE config (expert count, WideNet, Mixtral routing) share its baseline
@@ -135,12 +136,8 @@ def load_model(spec: str | Path, strict: bool = True) -> VLMoEModel:
         return model
     path = Path(spec)
     if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise NotFound(f"checkpoint not found: {path}")
-        from .checkpoint import _torch_load
-
-        hp = (_torch_load(path) or {}).get("hyper_parameters") or {}
-        if "model_name" not in hp:
+        hp = read_checkpoint(path).get("hyper_parameters") or {}
+        if not isinstance(hp, dict) or "model_name" not in hp:
             raise CheckpointError(f"{path} is not a checkpoint written by `vlmoe fit` (no model_name in its hyper-parameters)")
         return create_model(resolve_config(hp["model_name"], **(hp.get("model_overrides") or {})), pretrained=path, strict=strict)
     if spec in _configs() or find_export(spec):

@@ -279,6 +279,8 @@ class VLMoEModel(CLIP):
         return tuple(self.visual.image_size)
 
     def check_images(self, image: torch.Tensor) -> None:
+        if image.ndim == 4 and image.shape[0] == 0:
+            raise ConfigError("encode_image got an empty batch (0 images); pass at least one image")
         if image.ndim != 4 or tuple(image.shape[-2:]) != self.image_size:
             raise ConfigError(
                 f"images must be [B, C, {self.image_size[0]}, {self.image_size[1]}] for this model; got "
@@ -290,6 +292,8 @@ class VLMoEModel(CLIP):
         last kept token becomes the end-of-text token)."""
         if text.ndim != 2:
             raise ConfigError(f"text must be token ids [B, L]; got shape {tuple(text.shape)}")
+        if text.shape[0] == 0:
+            raise ConfigError("encode_text got an empty batch (0 texts); pass at least one")
         if text.shape[1] > self.context_length:
             eot = text.max(dim=1).values  # the end-of-text id is the largest id in each row
             text = text[:, : self.context_length].clone()

@@ -1,13 +1,142 @@
-"""The LightningCLI behind `vlmoe fit|validate|test` (a module-level class, so that
-`ddp_spawn`-style launchers can pickle the trainer that refers to it)."""
+"""The LightningCLI behind `vlmoe fit|validate|test --config ...` (a module-level class, so
+that `ddp_spawn`-style launchers can pickle the trainer that refers to it)."""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["VLMoECLI"]
+from ..errors import ConfigError, NotFound
+from ..models.checkpoint import read_checkpoint
+from ..models.factory import resolve_config
+
+__all__ = ["VLMoECLI", "claim_version_dir"]
+
+_CSV = "lightning.pytorch.loggers.CSVLogger"
+_VERSIONED = ("CSVLogger", "TensorBoardLogger")
+_LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def _is_global_zero_process() -> bool:
+    """False in the processes a launcher started for ranks other than 0 (torchrun, SLURM,
+    Lightning's own DDP launcher), which re-run the CLI."""
+    return not any(int(os.environ.get(k, "0") or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+
+def claim_version_dir(save_dir: str | os.PathLike, name: str = "lightning_logs") -> int:
+    """Create `save_dir/name/version_N` with the next free N and return N. `mkdir` is atomic,
+    so two runs started at once into the same folder never share a version."""
+    base = Path(save_dir) / (name or "")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {base}: {e.strerror}; pass a writable --trainer.default_root_dir") from None
+    taken = [int(d.name[8:]) for d in base.iterdir() if d.name.startswith("version_") and d.name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (base / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+        except OSError as e:
+            raise ConfigError(f"cannot create the output folder {base}: {e.strerror}; pass a writable --trainer.default_root_dir") from None
+
+
+def _plain(v):
+    """Comparable form of a hyper-parameter (tuples and lists alike, Namespaces as dicts)."""
+    if isinstance(v, Namespace):
+        v = v.as_dict()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 class VLMoECLI(LightningCLI):
     """`vlmoe fit|validate|test --config ...`: LIMoEModule + ClipDataModule, with the
-    data's image size and context length taken from `--model.model_name`."""
+    data's image size and context length taken from `--model.model_name`.
+
+    Beyond LightningCLI:
+    * every output of a run lands under `--trainer.default_root_dir` (the default logger is
+      a CSVLogger there), in a `version_N` folder claimed atomically;
+    * `--ckpt_path` does not silently replace the configured model: the checkpoint's
+      hyper-parameters fill only what the config and the command line left at their
+      defaults; a checkpoint of another architecture than the one configured is refused.
+    """
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.model_name", "data.init_args.model_name" if self.subclass_mode_data else "data.model_name")
+
+    # -- --ckpt_path ---------------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which copies every hyper-parameter of the checkpoint over
+        the config (a clip-tiny checkpoint silently turned a limoe-tiny config into clip-tiny,
+        and `--model.lr 0.5` was dropped on resume)."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        path = cfg.get("ckpt_path")
+        if not path or str(path) in _LIGHTNING_CKPT_KEYWORDS or "://" in str(path):
+            return
+        if not Path(path).is_file():
+            raise NotFound(f"--ckpt_path {path}: no such file")
+        hp = read_checkpoint(path).get("hyper_parameters") or {}
+        if not isinstance(hp, dict) or "model_name" not in hp or self.subclass_mode_model:
+            return
+        model = cfg.model
+        defaults = {k: p.default for k, p in inspect.signature(self.model_class.__init__).parameters.items()
+                    if k != "self" and p.default is not inspect.Parameter.empty}
+        arch_keys = ("model_name", "model_overrides")
+        given = {k: _plain(model.get(k)) for k in arch_keys}
+        saved = {k: _plain(hp.get(k)) for k in arch_keys}
+        if given != saved:
+            if all(given[k] == _plain(defaults.get(k)) for k in arch_keys):
+                # Nothing about the model was configured: resume the checkpoint's model.
+                for k in arch_keys:
+                    model[k] = hp.get(k)
+                data = cfg.data.init_args if self.subclass_mode_data else cfg.data
+                data["model_name"] = hp["model_name"]
+            elif resolve_config(given["model_name"], **(given["model_overrides"] or {})) != \
+                    resolve_config(saved["model_name"], **(saved["model_overrides"] or {})):
+                raise ConfigError(
+                    f"--ckpt_path {path} holds a {saved['model_name']} model (model_overrides={saved['model_overrides']}), but the "
+                    f"config asks for {given['model_name']} (model_overrides={given['model_overrides']}). Use the config the "
+                    f"checkpoint was trained with, or drop --ckpt_path to start a new run"
+                )
+        for k, v in hp.items():
+            if k in arch_keys or k == "pretrained" or k not in defaults or k not in model:
+                continue
+            mine = _plain(model.get(k))
+            if mine == _plain(defaults[k]) and _plain(v) != mine:
+                model[k] = v  # left at its default: the checkpoint's value, as LightningCLI does
+            elif mine != _plain(v):
+                print(f"vlmoe: --model.{k}={mine} from the config / command line replaces the checkpoint's {_plain(v)}",
+                      file=sys.stderr)
+
+    # -- outputs under default_root_dir ----------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.get("trainer")
+        if trainer is None:
+            return
+        root = trainer.get("default_root_dir") or os.getcwd()
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = Namespace(class_path=_CSV, init_args=Namespace(save_dir=str(root), name="lightning_logs"))
+        if not _is_global_zero_process():
+            return
+        loggers = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
+        for logger in loggers:
+            if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith(_VERSIONED):
+                continue
+            args = logger.get("init_args") or Namespace()
+            if args.get("version") is None:
+                args["version"] = claim_version_dir(args.get("save_dir") or root, args.get("name", "lightning_logs"))
+                logger["init_args"] = args
+            break  # Lightning's log_dir follows the first logger

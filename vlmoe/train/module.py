@@ -2,31 +2,115 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from open_clip.loss import ClipLoss
 
+from ..data.pipeline import SKIP_REASONS
 from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
 from .pictures import routing_picture
 from ..errors import ConfigError
 
-__all__ = ["LIMoEModule", "FinalCheckpoint"]
+__all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a hidden `.NAME.partial` file beside it, then renames it into
+    place: a run killed mid-write (SIGKILL, out of memory) leaves the previous checkpoint
+    intact and its partial file in the run folder, where the next save replaces it,
+    instead of a truncated temporary file in the system's temp folder."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        if "://" in str(path):  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
 
 
 class FinalCheckpoint(Callback):
     """Writes `last.ckpt` when fit ends, however it ends (max_steps, max_epochs, interrupt),
-    next to the periodic checkpoints."""
+    next to the periodic checkpoints. On SIGTERM (what cluster schedulers send before a
+    kill) it saves `last.ckpt` too; the console script then exits non-zero."""
 
-    def on_train_end(self, trainer, pl_module):
+    def __init__(self):
+        self.path: Path | None = None
+
+    def _save(self, trainer):
         ckpt = trainer.checkpoint_callback
         dirpath = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
-        trainer.save_checkpoint(dirpath / "last.ckpt")
+        self.path = dirpath / "last.ckpt"
+        trainer.save_checkpoint(self.path)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save(trainer)
+            exception.checkpoint = str(self.path)
+            exception.step = trainer.global_step
+
+
+class DataReport:
+    """Samples skipped (by reason) and shards that could not be read, over a run: what the
+    one-line summary at the end of fit, validate and test says."""
+
+    def __init__(self):
+        self.reasons: dict[str, int] = {}
+        self.unreadable: list[str] = []
+
+    def add(self, batch: dict) -> None:
+        for k, v in batch.get("skip_reasons", {}).items():
+            self.reasons[k] = self.reasons.get(k, 0) + int(v)
+        for u in batch.get("unreadable", ()):
+            if u not in self.unreadable:
+                self.unreadable.append(u)
+
+    def reduced(self, module: L.LightningModule) -> "DataReport":
+        """The report summed over ranks (a collective when there are several)."""
+        trainer = module.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self
+        counts = torch.tensor([float(self.reasons.get(r, 0)) for r in SKIP_REASONS], device=module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        everyone = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, self.unreadable)
+        out = DataReport()
+        out.reasons = {r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist()) if c}
+        out.unreadable = list(dict.fromkeys(u for part in everyone for u in part))
+        return out
+
+    def line(self, what: str) -> str:
+        n = sum(self.reasons.values())
+        parts = [f"vlmoe: {what} data: " + (f"{n} samples skipped (" + ", ".join(
+            f"{r} {self.reasons[r]}" for r in SKIP_REASONS if self.reasons.get(r)) + ")" if n else "no samples skipped")]
+        if self.unreadable:
+            shown = ", ".join(self.unreadable[:5]) + (f" ... and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else "")
+            parts.append(f"{len(self.unreadable)} unreadable shard(s): {shown}")
+        else:
+            parts.append("every shard read")
+        return "; ".join(parts)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/skipped/{r.replace(' ', '_')}": float(self.reasons.get(r, 0)) for r in SKIP_REASONS}
+        out[f"{prefix}/unreadable_shards"] = float(len(self.unreadable))
+        return out
 
 
 def _gather_rows(module: L.LightningModule, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -89,12 +173,16 @@ class LIMoEModule(L.LightningModule):
             self.model.set_grad_checkpointing(True)
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
         self.skipped_samples = 0
+        self.data_report = {"train": DataReport(), "val": DataReport(), "test": DataReport()}
         self._t_batch = None
         self.last_routing_picture: Path | None = None
         self.routing_counts: dict[tuple[int, str], torch.Tensor] = {}  # from the last evaluation
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; a user's own stays
+            strategy.checkpoint_io = AtomicCheckpointIO()
         world = self.trainer.world_size
         # local loss + gather with grad: each rank's loss covers its rows against the global
         # batch, and DDP's gradient average equals the single-process global-batch gradient.
@@ -141,6 +229,7 @@ class LIMoEModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.skipped_samples += int(batch["skipped"])
+        self.data_report["train"].add(batch)
         out = self.model(batch["image"], batch["text"])
         clip_loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
         loss = clip_loss + self.hparams.aux_loss_weight * out["aux_loss"]
@@ -195,6 +284,7 @@ class LIMoEModule(L.LightningModule):
 
     def _eval_step(self, batch):
         self._eval_skipped += int(batch["skipped"])
+        self.data_report["test" if self.trainer.testing else "val"].add(batch)
         if "image" not in batch:
             return
         for m in self.model.moe_layers():
@@ -267,6 +357,42 @@ class LIMoEModule(L.LightningModule):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+    # -- the end-of-run data summary --------------------------------------------------------
+    def _summarise_data(self, what: str, keys: tuple[str, ...]) -> None:
+        report = DataReport()
+        for k in keys:
+            part = self.data_report[k].reduced(self)
+            for r, n in part.reasons.items():
+                report.reasons[r] = report.reasons.get(r, 0) + n
+            report.unreadable += [u for u in part.unreadable if u not in report.unreadable]
+        self.last_data_summary = report.line(what)
+        if self.global_rank != 0:
+            return
+        print(self.last_data_summary, file=sys.stderr, flush=True)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(report.metrics(f"data/{what}"), step=self.global_step)
+            logger.save()
+
+    def on_fit_start(self):
+        self.data_report["train"], self.data_report["val"] = DataReport(), DataReport()
+
+    def on_fit_end(self):
+        self._summarise_data("fit", ("train", "val"))
+
+    def on_validation_start(self):
+        if self.trainer.state.fn == "validate":
+            self.data_report["val"] = DataReport()
+
+    def on_validation_end(self):
+        if self.trainer.state.fn == "validate":
+            self._summarise_data("validate", ("val",))
+
+    def on_test_start(self):
+        self.data_report["test"] = DataReport()
+
+    def on_test_end(self):
+        self._summarise_data("test", ("test",))
 
     def on_validation_epoch_start(self):
         self._eval_start()
