@@ -52,7 +52,12 @@ def run_console(main, prog: str, argv: list[str] | None = None) -> int:
 
 def vlmoe_console() -> None:
     """`vlmoe fit|validate|test ...`"""
-    sys.exit(run_console(cli_main, "vlmoe"))
+
+    def main(argv):
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given both)
+        cli_main(None)
+
+    sys.exit(run_console(main, "vlmoe"))
 
 
 def info_console() -> None:

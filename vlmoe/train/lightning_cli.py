@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
@@ -66,14 +68,35 @@ class VLMoECLI(LightningCLI):
     * every output of a run lands under `--trainer.default_root_dir` (the default logger is
       a CSVLogger there), in a `version_N` folder claimed atomically;
     * `--ckpt_path` does not silently replace the configured model: the checkpoint's
-      hyper-parameters fill only what the config and the command line left at their
-      defaults; a checkpoint of another architecture than the one configured is refused.
+      hyper-parameters fill only what no config file and no flag set (a flag or config value
+      that differs from the checkpoint wins, with a note on stderr); a checkpoint of another
+      architecture than the one configured is refused.
     """
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.model_name", "data.init_args.model_name" if self.subclass_mode_data else "data.model_name")
 
     # -- --ckpt_path ---------------------------------------------------------------------
+    def parse_arguments(self, parser, args) -> None:
+        self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
+        super().parse_arguments(parser, args)
+
+    def _explicit_model_keys(self, cfg) -> set[str]:
+        """Model arguments the user set: in a config file's `model:` section or as a flag."""
+        keys = set()
+        for path in cfg.get("config") or []:
+            try:
+                section = (yaml.safe_load(Path(str(path)).read_text()) or {}).get("model") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if isinstance(section, dict):
+                keys |= set(section.get("init_args", section))
+        for a in getattr(self, "_raw_args", []):
+            m = re.match(r"--model\.(\w+)", a)
+            if m:
+                keys.add(m.group(1))
+        return keys
+
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which copies every hyper-parameter of the checkpoint over
         the config (a clip-tiny checkpoint silently turned a limoe-tiny config into clip-tiny,
@@ -93,11 +116,12 @@ class VLMoECLI(LightningCLI):
         model = cfg.model
         defaults = {k: p.default for k, p in inspect.signature(self.model_class.__init__).parameters.items()
                     if k != "self" and p.default is not inspect.Parameter.empty}
+        explicit = self._explicit_model_keys(cfg)
         arch_keys = ("model_name", "model_overrides")
         given = {k: _plain(model.get(k)) for k in arch_keys}
         saved = {k: _plain(hp.get(k)) for k in arch_keys}
         if given != saved:
-            if all(given[k] == _plain(defaults.get(k)) for k in arch_keys):
+            if not explicit & set(arch_keys):
                 # Nothing about the model was configured: resume the checkpoint's model.
                 for k in arch_keys:
                     model[k] = hp.get(k)
@@ -114,8 +138,8 @@ class VLMoECLI(LightningCLI):
             if k in arch_keys or k == "pretrained" or k not in defaults or k not in model:
                 continue
             mine = _plain(model.get(k))
-            if mine == _plain(defaults[k]) and _plain(v) != mine:
-                model[k] = v  # left at its default: the checkpoint's value, as LightningCLI does
+            if k not in explicit:
+                model[k] = v  # not set by the user: the checkpoint's value, as LightningCLI does
             elif mine != _plain(v):
                 print(f"vlmoe: --model.{k}={mine} from the config / command line replaces the checkpoint's {_plain(v)}",
                       file=sys.stderr)

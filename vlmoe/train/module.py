@@ -55,7 +55,7 @@ class FinalCheckpoint(Callback):
         ckpt = trainer.checkpoint_callback
         dirpath = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         self.path = dirpath / "last.ckpt"
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, for resuming
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer)
