@@ -44,6 +44,18 @@ def _step(layer, x, reduce_group=None):
     return dt
 
 
+def _bytes_from_routing(layer, groups, dim, sent_here):
+    """(bytes all ranks sent, bytes the routing says they must send): every kept row whose
+    expert lives on another rank crosses twice forward (dispatch, combine) and twice
+    backward, `dim` fp32 values each. Summed over the ranks, so asymmetric loads cancel."""
+    counts_E = layer.aux[None].stats["tokens_per_expert"]
+    local = counts_E.numel() // groups.ep_size
+    own = counts_E[groups.ep_rank * local:(groups.ep_rank + 1) * local].sum()
+    t = torch.tensor([float(sent_here), float(counts_E.sum() - own)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0]), float(4 * t[1] * dim * 4)
+
+
 def _worker(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -59,7 +71,7 @@ def _worker(rank, world, port, args, queue):
         par.shard_experts(sharded, groups)
         x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank), requires_grad=True)
         times = {"local": [], "local+reduce": [], "expert-par.": []}
-        a2a, sent = [], []
+        a2a, sent, exact = [], [], []
         for rep in range(args.reps + 1):  # the first round warms up
             for name in times:
                 dist.barrier()
@@ -73,8 +85,9 @@ def _worker(rank, world, port, args, queue):
                     if name == "expert-par.":
                         a2a.append(par.all_to_all_meter.seconds)
                         sent.append(par.all_to_all_meter.bytes_sent)
+                        exact.append(_bytes_from_routing(sharded, groups, args.dim, sent[-1]))
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append(dict(E=E, K=K, **med, a2a=statistics.median(a2a), sent=statistics.median(sent)))
+        rows.append(dict(E=E, K=K, **med, a2a=statistics.median(a2a), sent=statistics.median(sent), exact=exact[-1]))
     if rank == 0:
         queue.put(rows)
     dist.destroy_process_group()
@@ -110,6 +123,8 @@ def main(argv=None):
               f"{r['expert-par.'] * 1e3:.1f} | {r['expert-par.'] / r['local']:.2f}x | "
               f"{r['expert-par.'] / r['local+reduce']:.2f}x | {r['a2a'] / r['expert-par.']:.0%} | "
               f"{r['sent'] / args.tokens:.0f} | {formula:.0f} |")
+    for r in rows:  # the measured bytes against the routing's own count, to the byte
+        print(f"E={r['E']} K={r['K']}: bytes sent by all ranks {r['exact'][0]:.0f}, from the routing {r['exact'][1]:.0f}")
 
 
 if __name__ == "__main__":

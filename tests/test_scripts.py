@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,12 @@ def test_bench_ep_quick():
     for r in rows:
         measured, formula = float(r[9]), float(r[10])
         assert 0 < measured <= 2 * formula  # at most every choice leaves the rank (P=2: twice the uniform figure)
+    # the bytes on the wire are exactly what the routing implies (4 crossings per off-rank row)
+    exact = [line for line in out.splitlines() if line.startswith("E=4 ")]
+    assert len(exact) == 2
+    for line in exact:
+        sent, routed = (float(v) for v in re.findall(r"(?:ranks|routing) (\d+)", line))
+        assert sent == routed > 0, line
 
 
 def test_gpu_check_smoke_run_on_cpu(tmp_path):

@@ -75,7 +75,14 @@ def test_validate_and_test_stages_report_metrics(shards, tmp_path):
         c = cli_main(args)
         prefix = "val" if stage == "validate" else "test"
         m = c.trainer.callback_metrics
-        assert 0 <= float(m[f"{prefix}/zeroshot_top1"]) <= 1 and f"{prefix}/image_to_text_R@10" in m
+        assert f"{prefix}/image_to_text_R@10" in m
+        # the same number as vlmoe-zeroshot on the same checkpoint, images, batches and prompts
+        from vlmoe.cli import zeroshot_main
+
+        rows = zeroshot_main(["--model", str(ckpt), "--data", shards["zeroshot"], "--classnames", shards["classnames"],
+                              "--templates", shards["templates"], "--batch-size", "8", "--num-workers", "0", "--json"])
+        assert float(m[f"{prefix}/zeroshot_top1"]) == pytest.approx(rows[0]["top1"]) and rows[0]["n"] == 24
+        assert float(m[f"{prefix}/zeroshot_n"]) == 24
 
 
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
