@@ -222,7 +222,8 @@ def test_samples_per_epoch_below_one_batch_is_refused():
 # -- 4, 5: padding takes no capacity, all-padding groups do not dilute the losses -------------------
 @pytest.mark.parametrize("router", ["topk", "switch", "gshard", "expert_choice"])
 def test_padding_takes_no_capacity_under_every_router(router):
-    """Defect 4 (expert choice sized capacity from the padded length). With 8 real tokens of
+    """Defect 4 (expert choice sized capacity from the padded length); also issue #16's
+    planted `n_valid = S` (capacity from the padded length for every router). With 8 real tokens of
     40 and E=4, cf=0.5, multiple_of=1 the capacity is 1 (top-1) from the real tokens, 5 from
     the padded length: padding would let more real tokens through."""
     torch.manual_seed(0)

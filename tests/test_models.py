@@ -97,7 +97,8 @@ def test_per_modality_statistics_count_real_tokens(name):
 
 
 def test_per_modality_routing_options():
-    model = tiny("limoe-tiny", moe={"text": {"capacity_factor": None, "batch_priority": False}, "image": {"capacity_factor": 2.0}})
+    model = tiny("limoe-tiny", moe={"text": {"capacity_factor": None, "batch_priority": False}, "image": {"capacity_factor": 2.0},
+                                    "eval_routing": "batch"})
     images, text = batch(model)
     model.eval()(images, text)
     layer = model.moe_layers()[0]

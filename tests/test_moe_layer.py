@@ -99,7 +99,7 @@ def test_capacity_and_dropped_tokens_get_zero_output():
 
 
 def test_token_mask_takes_no_capacity_and_no_loss():
-    moe = make(local_entropy_weight=0.1, global_entropy_weight=0.1).eval()
+    moe = make(local_entropy_weight=0.1, global_entropy_weight=0.1, eval_routing="batch").eval()  # one group
     x = torch.randn(2, 6, 16)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
     y = moe(x, mask=mask)
@@ -172,7 +172,7 @@ def test_switch_and_expert_choice():
 
 
 def test_groups():
-    moe = make(group_size=5).eval()
+    moe = make(group_size=5, eval_routing="batch").eval()  # the training grouping at eval
     x = torch.randn(1, 12, 16)
     y = moe(x)  # groups of 5, 5, 2 (padded)
     parts = [moe(x[:, i : i + 5]) for i in (0, 5, 10)]

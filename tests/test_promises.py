@@ -191,7 +191,7 @@ def test_aux_loss_sums_every_layer_and_modality_with_their_own_weights_and_thres
     Recomputed here from the routers' probabilities: importance CV^2 and the entropies."""
     torch.manual_seed(0)
     model = vlmoe.create_model("limoe-tiny", moe={"noise_scale": 0.0, "importance_weight": 0.003,
-                                                  "local_entropy_weight": 0.02, "global_entropy_weight": 0.05}).eval()
+                                                  "local_entropy_weight": 0.02, "global_entropy_weight": 0.05}).train()
     images = torch.randn(3, 3, 32, 32)
     texts = vlmoe.get_tokenizer(model)(["a cat", "two dogs on a red sofa", "x"])
     out, gates = _gates_by_layer_and_modality(model, images, texts)

@@ -95,3 +95,18 @@ def test_moe_demo(capsys):
     _load_script("moe_demo").main()
     out = capsys.readouterr().out
     assert out.count("| BPR |") == 2 and out.count("| vanilla |") == 2 and "| 8 | 1 | vlmoe |" in out
+
+
+def test_eval_routing_script_table(shards, capsys, tmp_path):
+    """scripts/eval_routing.py (the README's evaluation-routing table): per-example routing
+    gives one top-1 for every batch size."""
+    import vlmoe
+
+    export = str(vlmoe.save_pretrained(vlmoe.create_model("limoe-tiny"), tmp_path / "m"))
+    rows = _load_script("eval_routing").main(["--model", export, "--data", shards["zeroshot"], "--classnames", shards["classnames"],
+                                               "--templates", shards["templates"], "--batch-sizes", "3", "24",
+                                               "--routings", "per_example", "dropless"])
+    assert [r["routing"] for r in rows] == ["per_example", "dropless"]
+    assert len(set(rows[0]["top1"])) == 1 and len(set(rows[1]["top1"])) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("| model | eval routing | batch 3 | batch 24 | spread |") and f"| {export} | per_example |" in out

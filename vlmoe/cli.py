@@ -187,27 +187,41 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--per-class", action="store_true", help="also report per-class accuracy")
+    p.add_argument("--eval-routing", choices=["per_example", "batch", "dropless"],
+                   help="override the models' evaluation routing (default: each model's own, per_example unless configured)")
+    p.add_argument("--eval-capacity-factor", type=float, help="override the models' evaluation capacity factor")
     p.add_argument("--json", action="store_true", help="print only a JSON list, one object per model")
     a = p.parse_args(argv)
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {a.batch_size}")
+    if a.eval_capacity_factor is not None and not a.eval_capacity_factor > 0:
+        raise ConfigError(f"--eval-capacity-factor must be > 0; got {a.eval_capacity_factor}")
     classnames, templates = load_classnames(a.classnames), load_templates(a.templates)
     results = []
     for spec in a.model:
         model = load_model(spec).to(a.device).eval()
+        model.set_eval_routing(a.eval_routing, a.eval_capacity_factor)
         classifier = build_classifier(model, get_tokenizer(model), classnames, templates, device=a.device)
         loader = _zeroshot_loader(a.data, model.image_size, a.batch_size, a.num_workers, classnames)
         bar = (lambda it: tqdm(it, desc=f"zero-shot {spec}", unit="batch", file=sys.stderr, leave=False))
         r = evaluate_zeroshot(model, loader, classifier, progress=bar)
         row = {"model": spec, "top1": r["top1"], "top5": r["top5"], "n": r["n"], "skipped": r["skipped"]}
+        # how the number was obtained: the evaluation routing and capacity (None: dense)
+        row.update(model.eval_routing() or {"eval_routing": None})
         if a.per_class:
             row["per_class"] = dict(zip(classnames, r["per_class"]))
         results.append(row)
     if a.json:
         print(json.dumps(results))
         return results
-    print("| model | top-1 | top-5 | images | skipped |")
-    print("|---|---|---|---|---|")
+    print("| model | top-1 | top-5 | images | skipped | eval routing |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['top1']:.2%} | {r['top5']:.2%} | {r['n']} | {r['skipped']} |")
+        how = r["eval_routing"] or "dense"
+        if r["eval_routing"] not in (None, "dropless"):
+            caps = {r["eval_capacity_factor_image"], r["eval_capacity_factor_text"]}
+            how += ", cf " + "/".join(str(c) for c in sorted(caps, key=str))
+        print(f"| {r['model']} | {r['top1']:.2%} | {r['top5']:.2%} | {r['n']} | {r['skipped']} | {how} |")
     if a.per_class:
         print("\n| class | " + " | ".join(r["model"] for r in results) + " |")
         print("|---|" + "---|" * len(results))

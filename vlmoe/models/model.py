@@ -32,6 +32,11 @@ class MoEConfig:
     num_experts: int = 8  # E
     top_k: int = 1  # K
     capacity_factor: float | None = 1.0  # None: dropless
+    # Evaluation (model.eval()): "per_example" routes each image / caption alone, so a result
+    # never depends on the rest of the batch; "batch" is V-MoE's batch-level evaluation;
+    # "dropless" keeps every choice. eval_capacity_factor None: capacity_factor.
+    eval_routing: str = "per_example"
+    eval_capacity_factor: float | None = None
     router: str = "topk"  # topk | switch | gshard | expert_choice
     batch_priority: bool | None = None  # BPR; None: on for topk / expert_choice, off for switch / gshard (position)
     noise_scale: float | None = None  # router noise std * E (default 1.0 for topk)
@@ -67,7 +72,8 @@ class MoEConfig:
 
     def layer_kwargs(self) -> dict:
         kw = {k: getattr(self, k) for k in (
-            "num_experts", "top_k", "capacity_factor", "router", "batch_priority", "noise_scale", "group_size",
+            "num_experts", "top_k", "capacity_factor", "eval_routing", "eval_capacity_factor", "router", "batch_priority",
+            "noise_scale", "group_size",
             "normalize_combine_weights", "importance_weight", "load_weight", "balance_weight", "z_loss_weight",
             "local_entropy_weight", "global_entropy_weight", "global_entropy_threshold", "implementation",
             "gate", "expert_type",
@@ -331,6 +337,38 @@ class VLMoEModel(CLIP):
         aux, out["moe_metrics"] = collect_aux(self)
         out["aux_loss"] = aux.to(out["logit_scale"].device)  # a dense model's 0 stays on the right device
         return out
+
+    def eval_routing(self) -> dict | None:
+        """How eval-mode forwards route ({"eval_routing", "eval_capacity_factor"}; the
+        per-modality capacities when they differ), or None for a dense model: what a
+        reported number says about how it was obtained."""
+        if self.moe_config is None:
+            return None
+        layer = self.moe_layers()[0]
+        out = {"eval_routing": layer.eval_routing}
+        for modality in ("image", "text"):
+            o = layer.options_for(modality)
+            cf = o.eval_capacity_factor if o.eval_capacity_factor is not None else o.capacity_factor
+            out[f"eval_capacity_factor_{modality}"] = None if layer.eval_routing == "dropless" else cf
+        return out
+
+    def set_eval_routing(self, eval_routing: str | None = None, eval_capacity_factor: float | None = None) -> None:
+        """Change how eval-mode forwards route, for every MoE layer (weights untouched)."""
+        from ..moe.layer import EVAL_ROUTING
+
+        for m in self.moe_layers():
+            if eval_routing is not None:
+                if eval_routing not in EVAL_ROUTING:
+                    raise ConfigError(f"unknown eval_routing {eval_routing!r}; choose one of {EVAL_ROUTING}")
+                m.eval_routing = eval_routing
+            if eval_capacity_factor is not None:
+                for opts in [m.options, *m.modality_options.values()]:
+                    opts.eval_capacity_factor = eval_capacity_factor
+        if self.moe_config is not None:
+            if eval_routing is not None:
+                self.moe_config.eval_routing = self.config["moe"]["eval_routing"] = eval_routing
+            if eval_capacity_factor is not None:
+                self.moe_config.eval_capacity_factor = self.config["moe"]["eval_capacity_factor"] = eval_capacity_factor
 
     def moe_layers(self) -> list[SparseMoE]:
         """Distinct SparseMoE modules (a shared one once)."""

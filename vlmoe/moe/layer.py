@@ -21,11 +21,13 @@ from .comm import expert_parallel_apply
 from .routing import compute_capacity, expert_choice_route, route, top_k_gates
 from ..errors import ConfigError
 
-__all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_routing_context", "collect_aux", "ROUTERS"]
+__all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_routing_context", "collect_aux", "ROUTERS",
+           "EVAL_ROUTING"]
 
 RouterName = Literal["topk", "switch", "gshard", "expert_choice"]
 ROUTERS = ("topk", "switch", "gshard", "expert_choice")
 GATES = ("softmax", "topk_softmax")
+EVAL_ROUTING = ("per_example", "batch", "dropless")
 
 _CONTEXT: contextvars.ContextVar[tuple[str | None, torch.Tensor | None]] = contextvars.ContextVar(
     "vlmoe_routing_context", default=(None, None)
@@ -54,6 +56,7 @@ class RoutingOptions:
     """Routing settings that may differ per modality (LIMoE routes images and text apart)."""
 
     capacity_factor: float | None = 1.0  # None: dropless
+    eval_capacity_factor: float | None = None  # at evaluation (model.eval()); None: capacity_factor
     batch_priority: bool = True  # Batch Prioritized Routing
     importance_weight: float = 0.0  # V-MoE importance loss
     load_weight: float = 0.0  # V-MoE load loss (needs noisy gating)
@@ -112,6 +115,13 @@ class SparseMoE(nn.Module):
             (Mixtral: softmax over the selected top-k logits, so a token's weights sum to 1).
         expert_type: "mlp" (act_layer MLP, timm / open_clip) or "swiglu" (Mixtral's experts).
         act_layer, bias: expert MLP activation and biases (timm / open_clip defaults).
+        eval_routing: how an eval-mode forward (model.eval()) groups tokens:
+            "per_example" (default: each example of a [B, T, D] input, its real tokens, is
+            its own routing group, so capacity and BPR compete only within the example and
+            the result does not depend on the rest of the batch), "batch" (the training
+            grouping, V-MoE's evaluation: batch-dependent) or "dropless" (no capacity).
+            Training forwards are unaffected.
+        eval_capacity_factor: capacity factor of eval-mode forwards (default: capacity_factor).
         implementation: experts' matmul path, "auto", "grouped_mm" or "loop" (a layer whose
             experts are sharded, see `shard_experts`, always sends ragged rows).
         *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
@@ -127,6 +137,8 @@ class SparseMoE(nn.Module):
         num_experts: int = 8,
         top_k: int | None = None,
         capacity_factor: float | None = 1.0,
+        eval_routing: Literal["per_example", "batch", "dropless"] = "per_example",
+        eval_capacity_factor: float | None = None,
         batch_priority: bool | None = None,
         router: RouterName = "topk",
         noise_scale: float | None = None,
@@ -161,6 +173,11 @@ class SparseMoE(nn.Module):
             raise ConfigError(f"capacity_factor must be a number > 0 (or None for dropless routing); got {capacity_factor!r}")
         if router not in ROUTERS:
             raise ConfigError(f"unknown router {router!r}; choose one of {ROUTERS}")
+        if eval_routing not in EVAL_ROUTING:
+            raise ConfigError(f"unknown eval_routing {eval_routing!r}; choose one of {EVAL_ROUTING}")
+        if eval_routing == "dropless" and router == "expert_choice":
+            raise ConfigError("eval_routing='dropless' needs a router that picks experts per token; expert choice picks "
+                              "tokens per expert (use 'per_example')")
         if gate not in GATES:
             raise ConfigError(f"unknown gate {gate!r}; choose one of {GATES}")
         if gate == "topk_softmax" and router == "expert_choice":
@@ -179,6 +196,7 @@ class SparseMoE(nn.Module):
         self.group_size, self.multiple_of = group_size, multiple_of
         self.normalize_combine_weights = normalize_combine_weights
         self.gate = gate
+        self.eval_routing = eval_routing
 
         weights = dict(_DEFAULT_WEIGHTS[router])
         given = dict(
@@ -190,7 +208,7 @@ class SparseMoE(nn.Module):
         if batch_priority is None:
             batch_priority = router not in ("switch", "gshard")
         self.options = RoutingOptions(
-            capacity_factor=capacity_factor, batch_priority=bool(batch_priority),
+            capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor, batch_priority=bool(batch_priority),
             global_entropy_threshold=global_entropy_threshold, **weights,
         )
         self.modality_options: dict[str, RoutingOptions] = {}
@@ -201,8 +219,9 @@ class SparseMoE(nn.Module):
                 raise ConfigError(f"unknown routing option(s) {sorted(unknown)} for modality {modality!r}; known: {sorted(names)}")
             self.modality_options[modality] = replace(self.options, **overrides)
         for opts in [self.options, *self.modality_options.values()]:
-            if opts.capacity_factor is not None:
-                compute_capacity(1, 1, 1, opts.capacity_factor)  # validates the factor
+            for cf in (opts.capacity_factor, opts.eval_capacity_factor):
+                if cf is not None:
+                    compute_capacity(1, 1, 1, cf)  # validates the factor
 
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias,
@@ -223,7 +242,8 @@ class SparseMoE(nn.Module):
         o = self.options
         return (
             f"router={self.router_name}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}"
+            f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}, "
+            f"eval_routing={self.eval_routing}"
         )
 
     @property
@@ -256,18 +276,36 @@ class SparseMoE(nn.Module):
             t_T = torch.cat([t_T, t_T.new_full((pad, *t_T.shape[1:]), fill)])
         return t_T.reshape(-1, S, *t_T.shape[1:])
 
-    def _assign(self, gates_GSE, mask_GS, opts: RoutingOptions):
+    def _group_capacity(self, mask_GS, K: int, capacity_factor: float) -> torch.Tensor:
+        """Capacity of each group from its own real tokens (compute_capacity per group)."""
+        n_G = mask_GS.sum(1).clamp_min(1).double()
+        c_G = torch.ceil(n_G * K * capacity_factor / self.num_experts)
+        if self.multiple_of and self.multiple_of > 0:
+            c_G = torch.ceil(c_G / self.multiple_of) * self.multiple_of
+        return c_G.long()
+
+    def _assign(self, gates_GSE, mask_GS, opts: RoutingOptions, capacity_factor: float | None, per_group: bool = False):
         """Flat routing over all choices of all groups: token_N (index into the padded token
         list), expert_N, group_N, slot_N (position in the group's buffer of that expert,
-        -1 if dropped), weight_N, and the capacity per group and expert (None: dropless)."""
+        -1 if dropped), weight_N, and the capacity per group and expert (None: dropless).
+        With `per_group` each group's capacity comes from its own real tokens (per-example
+        evaluation); otherwise from the real tokens of the fullest group."""
         G, S, E = gates_GSE.shape
         device = gates_GSE.device
-        # Capacity comes from the real tokens of the fullest group, never from padding.
+        # Capacity comes from real tokens, never from padding.
         n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
         if self.router_name == "expert_choice":
-            C = compute_capacity(max(n_valid, 1), E, 1, opts.capacity_factor, self.multiple_of)
+            if per_group:
+                cap_G = self._group_capacity(mask_GS, 1, capacity_factor)
+                C = int(cap_G.max())
+            else:
+                C = compute_capacity(max(n_valid, 1), E, 1, capacity_factor, self.multiple_of)
             token_GEC, weight_GEC = expert_choice_route(gates_GSE, C, mask_GS)
             C = token_GEC.shape[-1]
+            if per_group:  # each group keeps its own top-C_g (the route sorted them by gate)
+                beyond_GEC = torch.arange(C, device=device).view(1, 1, C) >= cap_G.view(G, 1, 1)
+                token_GEC = token_GEC.masked_fill(beyond_GEC, -1)
+                weight_GEC = weight_GEC.masked_fill(beyond_GEC, 0.0)
             expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, C)
             group_GEC = torch.arange(G, device=device).view(G, 1, 1).expand(G, E, C)
             slot_GEC = torch.arange(C, device=device).view(1, 1, C).expand(G, E, C)
@@ -278,9 +316,13 @@ class SparseMoE(nn.Module):
                     slot_GEC.reshape(-1), weight_GEC.reshape(-1), C)
 
         K = self.top_k
-        capacity = None
-        if opts.capacity_factor is not None:
-            capacity = compute_capacity(max(n_valid, 1), E, K, opts.capacity_factor, self.multiple_of)
+        capacity = route_capacity = None
+        if capacity_factor is not None:
+            if per_group:
+                route_capacity = self._group_capacity(mask_GS, K, capacity_factor)
+                capacity = int(route_capacity.max())
+            else:
+                capacity = route_capacity = compute_capacity(max(n_valid, 1), E, K, capacity_factor, self.multiple_of)
         keep_GSK = None
         scale_GS1 = None
         if self.router_name == "gshard" or self.gate == "topk_softmax":
@@ -295,7 +337,7 @@ class SparseMoE(nn.Module):
             keep2_GS = torch.rand_like(p2_GS) < p2_GS
             keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
         r = route(
-            gates_GSE, K, capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
+            gates_GSE, K, route_capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
             renormalize=self.normalize_combine_weights,
         )
         weight_GSK = r.combine_weight
@@ -335,11 +377,19 @@ class SparseMoE(nn.Module):
         clean_gates_TE = logits_TE.softmax(-1)
         gates_TE = noisy_logits_TE.softmax(-1) if noisy else clean_gates_TE
 
+        capacity_factor, per_group = opts.capacity_factor, False
         S = max(min(self.group_size or T, T), 1)
+        if not self.training:
+            if opts.eval_capacity_factor is not None:
+                capacity_factor = opts.eval_capacity_factor
+            if self.eval_routing == "dropless" and self.router_name != "expert_choice":
+                capacity_factor = None
+            elif self.eval_routing == "per_example" and x.ndim >= 3:
+                S, per_group = max(x.shape[-2], 1), True  # one example, one routing group
         gates_GSE = self._group(gates_TE, S, 0.0)
         mask_GS = self._group(mask_T, S, False)
         G = gates_GSE.shape[0]
-        token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts)
+        token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts, capacity_factor, per_group)
 
         kept_M = (slot_N >= 0).nonzero().squeeze(1)
         token_M, expert_M, weight_M = token_N[kept_M], expert_N[kept_M], weight_N[kept_M]

@@ -106,7 +106,8 @@ def route(
     Args:
         gates: [S, E] or [G, S, E] routing probabilities; each group is routed independently.
         top_k: experts chosen per token (K).
-        capacity: buffer slots per expert and group; None keeps every choice (dropless).
+        capacity: buffer slots per expert and group (an int, or a [G] tensor: one per group);
+            None keeps every choice (dropless).
         batch_priority: BPR (priority by top-1 gate) instead of priority by position.
         mask: [S] or [G, S] bool, False for tokens (e.g. text padding) that take no capacity.
         keep: [S, K] or [G, S, K] bool, False for choices that are not dispatched at all
@@ -118,7 +119,11 @@ def route(
     G, S, E = gates_GSE.shape
     if not 1 <= top_k <= E:
         raise ConfigError(f"top_k must be in [1, num_experts={E}]; got top_k={top_k}")
-    if capacity is not None and capacity < 1:
+    if torch.is_tensor(capacity):  # one capacity per group (per-example evaluation)
+        if capacity.numel() != G or bool((capacity < 1).any()):
+            raise ConfigError(f"a per-group capacity needs {G} values >= 1; got {capacity.tolist()}")
+        capacity = capacity.reshape(G, 1).to(gates_GSE.device)
+    elif capacity is not None and capacity < 1:
         raise ConfigError(f"capacity must be >= 1 (or None for dropless); got {capacity}")
     K = top_k
     device = gates_GSE.device

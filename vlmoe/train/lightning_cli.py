@@ -60,6 +60,18 @@ def _plain(v):
     return v
 
 
+_EVAL_ONLY = ("eval_routing", "eval_capacity_factor")  # how a model evaluates, not what it is
+
+
+def _architecture(hp: dict) -> dict:
+    """The model config of (model_name, model_overrides), without the evaluation-only keys."""
+    cfg = resolve_config(hp["model_name"], **(hp["model_overrides"] or {}))
+    for section in [cfg.get("moe") or {}, *((cfg.get("moe") or {}).get(m) or {} for m in ("image", "text"))]:
+        for k in _EVAL_ONLY:
+            section.pop(k, None)
+    return cfg
+
+
 class VLMoECLI(LightningCLI):
     """`vlmoe fit|validate|test --config ...`: LIMoEModule + ClipDataModule, with the
     data's image size and context length taken from `--model.model_name`.
@@ -127,8 +139,7 @@ class VLMoECLI(LightningCLI):
                     model[k] = hp.get(k)
                 data = cfg.data.init_args if self.subclass_mode_data else cfg.data
                 data["model_name"] = hp["model_name"]
-            elif resolve_config(given["model_name"], **(given["model_overrides"] or {})) != \
-                    resolve_config(saved["model_name"], **(saved["model_overrides"] or {})):
+            elif _architecture(given) != _architecture(saved):
                 raise ConfigError(
                     f"--ckpt_path {path} holds a {saved['model_name']} model (model_overrides={saved['model_overrides']}), but the "
                     f"config asks for {given['model_name']} (model_overrides={given['model_overrides']}). Use the config the "

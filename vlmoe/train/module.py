@@ -325,6 +325,12 @@ class LIMoEModule(L.LightningModule):
             metrics[f"{prefix}/zeroshot_top5"] = float(zs[2] / zs[0])
             metrics[f"{prefix}/zeroshot_n"] = float(zs[0])
         metrics[f"{prefix}/skipped_samples"] = float(self._eval_skipped)
+        how = self.model.eval_routing()
+        if how is not None:  # the routing the numbers were obtained with
+            metrics[f"{prefix}/eval_routing/{how['eval_routing']}"] = 1.0
+            for modality in ("image", "text"):
+                cf = how[f"eval_capacity_factor_{modality}"]
+                metrics[f"{prefix}/eval_capacity_factor/{modality}"] = -1.0 if cf is None else float(cf)
         if metrics:
             self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
         self._write_routing_picture(prefix)
