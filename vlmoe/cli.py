@@ -173,6 +173,7 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     from tqdm import tqdm
 
     from .data.text import load_classnames, load_templates
+    from .eval.sweep import RoutingMeter, eval_overrides, image_flops_without_experts, plot_sweep
     from .eval.zeroshot import build_classifier, evaluate_zeroshot
     from .models import get_tokenizer
     from .models.factory import load_model
@@ -190,38 +191,66 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eval-routing", choices=["per_example", "batch", "dropless"],
                    help="override the models' evaluation routing (default: each model's own, per_example unless configured)")
     p.add_argument("--eval-capacity-factor", type=float, help="override the models' evaluation capacity factor")
-    p.add_argument("--json", action="store_true", help="print only a JSON list, one object per model")
+    p.add_argument("--capacity-factor", type=float, nargs="+", metavar="CF",
+                   help="capacity sweep: evaluate each MoE model at each capacity factor (every MoE layer, every modality, "
+                        "for this evaluation only); a dense model gives one row")
+    p.add_argument("--batch-priority", choices=["on", "off"], nargs="+",
+                   help="Batch Prioritized Routing at inference, on and/or off (default: each model's own)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw top-1 against active GFLOPs per image")
+    p.add_argument("--json", action="store_true", help="print only a JSON list, one object per model (and setting)")
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {a.batch_size}")
-    if a.eval_capacity_factor is not None and not a.eval_capacity_factor > 0:
-        raise ConfigError(f"--eval-capacity-factor must be > 0; got {a.eval_capacity_factor}")
+    for cf in [a.eval_capacity_factor, *(a.capacity_factor or [])]:
+        if cf is not None and not cf > 0:
+            raise ConfigError(f"a capacity factor must be > 0; got {cf:g}")
+    if a.capacity_factor and a.eval_routing == "dropless":
+        raise ConfigError("a capacity sweep needs capacity: use --eval-routing per_example or batch, not dropless")
     classnames, templates = load_classnames(a.classnames), load_templates(a.templates)
     results = []
     for spec in a.model:
         model = load_model(spec).to(a.device).eval()
         model.set_eval_routing(a.eval_routing, a.eval_capacity_factor)
-        classifier = build_classifier(model, get_tokenizer(model), classnames, templates, device=a.device)
-        loader = _zeroshot_loader(a.data, model.image_size, a.batch_size, a.num_workers, classnames)
-        bar = (lambda it: tqdm(it, desc=f"zero-shot {spec}", unit="batch", file=sys.stderr, leave=False))
-        r = evaluate_zeroshot(model, loader, classifier, progress=bar)
-        row = {"model": spec, "top1": r["top1"], "top5": r["top5"], "n": r["n"], "skipped": r["skipped"]}
-        # how the number was obtained: the evaluation routing and capacity (None: dense)
-        row.update(model.eval_routing() or {"eval_routing": None})
-        if a.per_class:
-            row["per_class"] = dict(zip(classnames, r["per_class"]))
-        results.append(row)
+        if a.capacity_factor and model.moe_config is not None and model.moe_layers()[0].eval_routing == "dropless":
+            model.set_eval_routing("per_example")  # a sweep needs capacity
+        base_flops = image_flops_without_experts(model)
+        dense = model.moe_config is None
+        settings = [(None, None)] if dense or not a.capacity_factor and not a.batch_priority else [
+            (cf, None if bpr is None else bpr == "on") for bpr in (a.batch_priority or [None]) for cf in (a.capacity_factor or [None])]
+        for cf, bpr in settings:
+            with eval_overrides(model, capacity_factor=cf, batch_priority=bpr):
+                classifier = build_classifier(model, get_tokenizer(model), classnames, templates, device=a.device)
+                loader = _zeroshot_loader(a.data, model.image_size, a.batch_size, a.num_workers, classnames)
+                label = spec + ("" if cf is None else f" cf {cf:g}") + ("" if bpr is None else f" BPR {'on' if bpr else 'off'}")
+                bar = (lambda it: tqdm(it, desc=f"zero-shot {label}", unit="batch", file=sys.stderr, leave=False))
+                with RoutingMeter(model, "image") as meter:
+                    r = evaluate_zeroshot(model, loader, classifier, progress=bar)
+                row = {"model": spec, "top1": r["top1"], "top5": r["top5"], "n": r["n"], "skipped": r["skipped"]}
+                # how the number was obtained: the evaluation routing and capacity (None: dense)
+                row.update(model.eval_routing() or {"eval_routing": None})
+                row.update(capacity_factor=cf, batch_priority=bpr, dropped_frac=meter.dropped_frac,
+                           gflops_per_image=(base_flops + meter.expert_flops / r["n"]) / 1e9)
+                if dense and a.capacity_factor:
+                    row["note"] = "dense: no capacity to sweep"
+            if a.per_class:
+                row["per_class"] = dict(zip(classnames, r["per_class"]))
+            results.append(row)
+    if a.plot:
+        plot_sweep(results, a.plot)
     if a.json:
         print(json.dumps(results))
         return results
-    print("| model | top-1 | top-5 | images | skipped | eval routing |")
-    print("|---|---|---|---|---|---|")
+    print("| model | top-1 | top-5 | images | skipped | eval routing | dropped | GFLOPs / image |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        how = r["eval_routing"] or "dense"
+        how = r["eval_routing"] or r.get("note") or "dense"
         if r["eval_routing"] not in (None, "dropless"):
-            caps = {r["eval_capacity_factor_image"], r["eval_capacity_factor_text"]}
-            how += ", cf " + "/".join(str(c) for c in sorted(caps, key=str))
-        print(f"| {r['model']} | {r['top1']:.2%} | {r['top5']:.2%} | {r['n']} | {r['skipped']} | {how} |")
+            caps = {r["eval_capacity_factor_image"], r["eval_capacity_factor_text"]} if r["capacity_factor"] is None else {r["capacity_factor"]}
+            how += ", cf " + "/".join(f"{c:g}" for c in sorted(caps))
+            if r["batch_priority"] is not None:
+                how += f", BPR {'on' if r['batch_priority'] else 'off'}"
+        print(f"| {r['model']} | {r['top1']:.2%} | {r['top5']:.2%} | {r['n']} | {r['skipped']} | {how} | "
+              f"{r['dropped_frac']:.1%} | {r['gflops_per_image']:.4f} |")
     if a.per_class:
         print("\n| class | " + " | ".join(r["model"] for r in results) + " |")
         print("|---|" + "---|" * len(results))

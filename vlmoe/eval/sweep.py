@@ -1,0 +1,157 @@
+"""Trading compute for accuracy at inference (V-MoE's capacity sweep): evaluation-only
+overrides of every MoE layer's capacity factor and Batch Prioritized Routing, and what an
+evaluation routed: the fraction of routed choices dropped and the active forward FLOPs per
+image on the rows the experts actually computed."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import ConfigError
+from ..moe import SparseMoE, current_routing_context
+
+__all__ = ["eval_overrides", "RoutingMeter", "expert_flops_per_row", "image_flops_without_experts", "plot_sweep"]
+
+
+def _layers(model) -> list[SparseMoE]:
+    return list({id(m): m for m in model.modules() if isinstance(m, SparseMoE)}.values())
+
+
+@contextlib.contextmanager
+def eval_overrides(model, capacity_factor: float | None = None, batch_priority: bool | None = None,
+                   eval_routing: str | None = None):
+    """Inside the block, eval-mode forwards of every MoE layer use this capacity factor
+    (every modality), BPR setting and routing; the model's own settings are back afterwards."""
+    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+        raise ConfigError(f"a capacity factor must be > 0; got {capacity_factor!r}")
+    saved = [(m, m.options, dict(m.modality_options), m.eval_routing) for m in _layers(model)]
+    try:
+        for m, opts, mopts, _ in saved:
+            change = {}
+            if capacity_factor is not None:
+                change["eval_capacity_factor"] = float(capacity_factor)
+            if batch_priority is not None:
+                change["batch_priority"] = bool(batch_priority)
+            m.options = replace(opts, **change)
+            m.modality_options = {k: replace(v, **change) for k, v in mopts.items()}
+            if eval_routing is not None:
+                m.eval_routing = eval_routing
+        yield
+    finally:
+        for m, opts, mopts, routing in saved:
+            m.options, m.modality_options, m.eval_routing = opts, mopts, routing
+
+
+def expert_flops_per_row(layer: SparseMoE) -> int:
+    """Forward matmul FLOPs of one row through one expert (multiply-add = 2), as
+    torch.utils.flop_counter counts them: x @ w1 and h @ w2."""
+    _, D, H1 = layer.experts.w1.shape
+    _, H, _ = layer.experts.w2.shape
+    return 2 * D * H1 + 2 * H * D
+
+
+class RoutingMeter:
+    """Counts, over every MoE call inside the block, the routed choices, the kept ones and
+    the expert FLOPs of the kept rows (forward hooks: works with any expert implementation)."""
+
+    def __init__(self, model, modality: str | None = None):
+        self.layers, self.modality = _layers(model), modality
+        self.choices = self.kept = 0
+        self.expert_flops = 0
+
+    def _hook(self, layer, inputs, output):
+        modality, _ = current_routing_context()
+        if self.modality is not None and modality != self.modality:
+            return
+        st = next(reversed(layer.aux.values())).stats  # the record this call just wrote
+        kept = int(st["tokens_per_expert"].sum())
+        n = int(st["num_tokens"])
+        self.choices += n * (layer.top_k if layer.router_name != "expert_choice" else 1)
+        self.kept += kept if layer.router_name != "expert_choice" else int(round(n * (1 - float(st["dropped_token_frac"]))))
+        self.expert_flops += kept * expert_flops_per_row(layer)
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    @property
+    def dropped_frac(self) -> float:
+        """Fraction of routed (token, choice) pairs dropped (expert choice: tokens no expert took)."""
+        return 1.0 - self.kept / self.choices if self.choices else 0.0
+
+
+def image_flops_without_experts(model) -> int:
+    """Forward FLOPs of one image with the expert matmuls taken out (attention, dense MLPs,
+    routers, embeddings, projection), from torch's FLOP counter: add the kept rows' expert
+    FLOPs to get the active compute at a capacity. Counted with grad enabled (under no_grad
+    nn.MultiheadAttention takes a fused path the counter does not see) and with the
+    per-expert loop (the padded buffers would count empty slots)."""
+    was_training = model.training
+    model.eval()
+    layers = _layers(model)
+    impls = [m.experts.implementation for m in layers]
+    image = torch.randn(1, 3, *model.image_size, device=next(model.parameters()).device)
+    try:
+        for m in layers:
+            m.experts.implementation = "loop"
+        with torch.enable_grad(), RoutingMeter(model, "image") as meter, FlopCounterMode(display=False) as counter:
+            model.encode_image(image)
+    finally:
+        for m, impl in zip(layers, impls):
+            m.experts.implementation = impl
+        model.train(was_training)
+    return int(counter.get_total_flops()) - meter.expert_flops
+
+
+def _short(spec: str) -> str:
+    """A legend label: `runs/limoe-tiny/seed0/checkpoints/last.ckpt` -> `limoe-tiny/seed0`."""
+    parts = Path(spec).parts
+    if "checkpoints" in parts:
+        i = parts.index("checkpoints")
+        return "/".join(parts[max(0, i - 2):i]) or spec
+    return Path(spec).name if len(parts) > 1 else spec
+
+
+def plot_sweep(rows: list[dict], path: str | Path) -> Path:
+    """Top-1 against active GFLOPs per image: one curve per MoE model (and BPR setting),
+    each dense model a single point."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    curves: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("capacity_factor") is None:
+            ax.scatter([r["gflops_per_image"]], [100 * r["top1"]], marker="*", s=160, zorder=3, color="black",
+                       label=f"{_short(r['model'])} (dense)")
+            continue
+        bpr = r.get("batch_priority")
+        key = _short(r["model"]) + ("" if bpr is None else f", BPR {'on' if bpr else 'off'}")
+        curves.setdefault(key, []).append(r)
+    for key, pts in curves.items():
+        pts = sorted(pts, key=lambda r: r["gflops_per_image"])
+        ax.plot([p["gflops_per_image"] for p in pts], [100 * p["top1"] for p in pts], marker="o", label=key)
+        for p in pts:
+            ax.annotate(f"cf {p['capacity_factor']:g}", (p["gflops_per_image"], 100 * p["top1"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("active forward GFLOPs per image")
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_title("capacity sweep at inference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
