@@ -273,7 +273,7 @@ def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path))
     trainer.validate(module, datamodule=dm)
-    assert len(list((tmp_path / "routing").glob("val_step*.png"))) == 1
+    assert len(list((tmp_path / "routing").glob("val_step???????.png"))) == 1
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
     from vlmoe.data.pipeline import make_dataset
 

@@ -11,7 +11,7 @@ import sys
 
 from .errors import ConfigError, DataError, VLMoEError
 
-__all__ = ["info_main", "cli_main", "zeroshot_main", "folder_labels", "vlmoe_console", "info_console", "zeroshot_console", "run_console"]
+__all__ = ["info_main", "cli_main", "zeroshot_main", "routing_main", "routing_console", "folder_labels", "vlmoe_console", "info_console", "zeroshot_console", "run_console"]
 
 
 def one_line(exc: BaseException) -> str:
@@ -257,3 +257,66 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
         for c in classnames:
             print(f"| {c} | " + " | ".join(f"{r['per_class'][c]:.1%}" for r in results) + " |")
     return results
+
+
+def routing_main(argv: list[str] | None = None) -> dict:
+    """vlmoe-routing: pictures of what a MoE model's experts do on some data: each expert's
+    tokens by modality, each image patch and caption token coloured by its expert, and the
+    numbers behind them (routing.json)."""
+    import itertools
+
+    import open_clip
+    import torch
+
+    from .data import collate, expand_shards, make_dataset
+    from .eval.routing import write_routing_report
+    from .models import get_tokenizer
+    from .models.factory import load_model
+
+    p = argparse.ArgumentParser(prog="vlmoe-routing", description=routing_main.__doc__)
+    p.add_argument("--model", required=True, help="as vlmoe-zeroshot --model")
+    p.add_argument("--data", required=True, help="image-text shards (captions in `txt`); labelled image-only shards give image pictures")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--samples", type=int, default=64, help="samples routed (one evaluation batch)")
+    p.add_argument("--num-pictures", type=int, default=8, help="images and captions drawn")
+    p.add_argument("--eval-routing", choices=["per_example", "batch", "dropless"], help="override the model's evaluation routing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if a.samples < 1 or a.num_pictures < 1:
+        raise ConfigError(f"--samples and --num-pictures must be >= 1; got {a.samples} and {a.num_pictures}")
+    model = load_model(a.model).to(a.device).eval()
+    if model.moe_config is None:
+        raise ConfigError(f"{a.model} has no MoE layers: there is no routing to show (a dense model?)")
+    model.set_eval_routing(a.eval_routing)
+    urls = expand_shards(a.data, "shards")
+    transform = open_clip.image_transform(model.image_size, is_train=False)
+    tokenizer = get_tokenizer(model)
+    samples = []
+    for need_text in (True, False):  # image-text pairs, else images alone (a labelled set)
+        ds = make_dataset(urls, transform, tokenizer, train=False, need_text=need_text)
+        samples = [s for s in itertools.islice((s for s in ds if s["image"] is not None), a.samples)]
+        if samples:
+            break
+    if not samples:
+        raise DataError(f"no readable images in {a.data}")
+    batch = collate(samples)
+    texts = batch["text"].to(a.device) if "text" in batch else None
+    summary = write_routing_report(model, batch["image"].to(a.device), texts, a.out, tokenizer, a.num_pictures,
+                                   title=f"{_short_name(a.model)}, {model.eval_routing()['eval_routing']} routing")
+    print(f"wrote {', '.join(summary['files'].values())} and routing.json to {a.out}", file=sys.stderr)
+    return summary
+
+
+def _short_name(spec: str) -> str:
+    """`runs/limoe-tiny/seed0/checkpoints/last.ckpt` -> `limoe-tiny/seed0/last.ckpt`."""
+    from pathlib import Path
+
+    parts = Path(spec).parts
+    if "checkpoints" in parts:
+        i = parts.index("checkpoints")
+        return "/".join(parts[max(0, i - 2):i] + parts[-1:])
+    return Path(spec).name
+
+
+def routing_console() -> None:
+    sys.exit(run_console(routing_main, "vlmoe-routing"))

@@ -231,6 +231,8 @@ class SparseMoE(nn.Module):
         # modality: then each call keeps its record ("text", "text#1", ...) until the owner
         # clears `aux`; otherwise a call replaces the previous one of its modality.
         self.record_every_call = False
+        # Set to a list to record each call's per-token routing (top-1 expert, kept or not).
+        self.capture: list[dict] | None = None
         self.padded_min_fill = 0.85
         self.init_weights()
 
@@ -417,6 +419,8 @@ class SparseMoE(nn.Module):
             order_M = torch.sort(expert_M, stable=True).indices  # ragged: rows grouped by expert
             token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
             y_MD = self.experts(x_TD.index_select(0, token_M), counts_E)
+        if self.capture is not None:  # per-token routing, for pictures (vlmoe.eval.routing)
+            self._capture(x, gates_TE, mask_T, token_N, slot_N, modality)
         out_TD = torch.zeros_like(x_TD)
         out_TD.index_add_(0, token_M, y_MD.to(x.dtype) * weight_M.to(x.dtype).unsqueeze(-1))
 
@@ -428,6 +432,21 @@ class SparseMoE(nn.Module):
             counts_E, token_M, capacity,
         )
         return out_TD.reshape(x.shape)
+
+    @torch.no_grad()
+    def _capture(self, x, gates_TE, mask_T, token_N, slot_N, modality) -> None:
+        """Each token's top-1 expert (-1 for padding) and whether that choice was computed
+        (for expert choice: whether any expert took the token), shaped like x without D."""
+        T = mask_T.numel()
+        expert_T = gates_TE.argmax(-1)
+        if self.router_name == "expert_choice":
+            kept_T = torch.bincount(token_N[slot_N >= 0], minlength=T)[:T] > 0
+        else:
+            kept_T = (slot_N.view(-1, self.top_k)[:T, 0] >= 0)
+        expert_T = torch.where(mask_T, expert_T, torch.full_like(expert_T, -1))
+        shape = tuple(x.shape[:-1])
+        self.capture.append({"modality": modality, "expert": expert_T.view(shape).cpu(),
+                             "kept": (kept_T & mask_T).view(shape).cpu(), "mask": mask_T.view(shape).cpu()})
 
     def _aux(self, logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, mask_T, S, opts, noise_std,
              counts_E, token_M, capacity) -> MoEAux:

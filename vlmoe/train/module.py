@@ -18,6 +18,8 @@ from ..data.pipeline import SKIP_REASONS
 from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
+from ..eval.routing import modality_bars, write_routing_report
+from ..models.factory import get_tokenizer as open_clip_tokenizer
 from .pictures import routing_picture
 from ..errors import ConfigError
 
@@ -271,6 +273,7 @@ class LIMoEModule(L.LightningModule):
         self._routing = {}
         self._eval_skipped = 0
         self._classifier = None
+        self._first_pairs = None  # the first image-text batch, for the routing pictures
         dm = self.trainer.datamodule
         if dm is not None and getattr(dm, "classnames", None):
             self._classifier = build_classifier(self.model, dm.tokenizer, dm.classnames, dm.templates, device=self.device)
@@ -296,6 +299,10 @@ class LIMoEModule(L.LightningModule):
             out = self.model(batch["image"], batch["text"])
             if stand_in:
                 return
+            # Pictures need one more forward on rank 0 alone: not where every forward is a collective.
+            alone_ok = not getattr(self.trainer.strategy, "requires_equal_eval_batches", False) or self.trainer.world_size == 1
+            if self._first_pairs is None and self.global_rank == 0 and alone_ok and self.model.moe_config is not None:
+                self._first_pairs = (batch["image"][:8].detach(), batch["text"][:8].detach())
             self._feats["image"].append(out["image_features"].float())
             self._feats["text"].append(out["text_features"].float())
         elif "label" in batch:
@@ -355,8 +362,18 @@ class LIMoEModule(L.LightningModule):
         if self.global_rank != 0:
             return
         path = log_dir / f"{prefix}_step{self.global_step:07d}.png"
-        fig = routing_picture(counts.cpu(), [f"MoE {i} {m}" for i, m in keys], title=f"{prefix} routing at step {self.global_step}", path=path)
+        title = f"{prefix} routing at step {self.global_step}"
+        fig = routing_picture(counts.cpu(), [f"MoE {i} {m}" for i, m in keys], title=title, path=path)
         self.last_routing_picture = path
+        # LIMoE's pictures: each expert's tokens by modality, and each patch / token by expert
+        summary = {f"layer{i}": {} for i, _ in keys}
+        for (i, m), c in self.routing_counts.items():
+            summary[f"layer{i}"][m] = {"tokens_per_expert": c.long().tolist()}
+        modality_bars(summary, log_dir / f"{prefix}_step{self.global_step:07d}_modalities.png", title)
+        if self._first_pairs is not None:
+            images, texts = self._first_pairs
+            write_routing_report(self.model, images, texts, log_dir / f"{prefix}_step{self.global_step:07d}",
+                                 open_clip_tokenizer(self.model.context_length), title=title)
         logger = self.logger
         if logger is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
             logger.experiment.add_figure(f"{prefix}/routing", fig, self.global_step)
