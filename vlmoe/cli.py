@@ -270,6 +270,7 @@ def routing_main(argv: list[str] | None = None) -> dict:
 
     from .data import collate, expand_shards, make_dataset
     from .eval.routing import write_routing_report
+    from .eval.sweep import short_label
     from .models import get_tokenizer
     from .models.factory import load_model
 
@@ -302,20 +303,9 @@ def routing_main(argv: list[str] | None = None) -> dict:
     batch = collate(samples)
     texts = batch["text"].to(a.device) if "text" in batch else None
     summary = write_routing_report(model, batch["image"].to(a.device), texts, a.out, tokenizer, a.num_pictures,
-                                   title=f"{_short_name(a.model)}, {model.eval_routing()['eval_routing']} routing")
+                                   title=f"{short_label(a.model)}, {model.eval_routing()['eval_routing']} routing")
     print(f"wrote {', '.join(summary['files'].values())} and routing.json to {a.out}", file=sys.stderr)
     return summary
-
-
-def _short_name(spec: str) -> str:
-    """`runs/limoe-tiny/seed0/checkpoints/last.ckpt` -> `limoe-tiny/seed0/last.ckpt`."""
-    from pathlib import Path
-
-    parts = Path(spec).parts
-    if "checkpoints" in parts:
-        i = parts.index("checkpoints")
-        return "/".join(parts[max(0, i - 2):i] + parts[-1:])
-    return Path(spec).name
 
 
 def routing_console() -> None:

@@ -40,6 +40,16 @@ def capture_routing(model):
             m.capture = None
 
 
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def expert_colors(num_experts: int):
     """A fixed colour per expert (tab10 / tab20, then a hue wheel), the same in every picture."""
     import matplotlib
@@ -106,11 +116,7 @@ def modality_bars(summary: dict, path: str | Path, title: str = "routing"):
     fig.legend(handles, labels, loc="lower center", ncol=len(labels) + 1, fontsize=8,
                title="each bar: the expert's tokens by modality; above it: its share of all tokens", title_fontsize=7)
     fig.tight_layout(rect=(0, 0.09, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _patch_grid(record: dict, grid: tuple[int, int], b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +167,7 @@ def patch_maps(images: torch.Tensor, store: dict, grid: tuple[int, int], num_exp
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=7)
     fig.suptitle(f"{title}: top-1 expert of each patch", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return maps
 
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import ConfigError
 from ..moe import SparseMoE, current_routing_context
 
-__all__ = ["eval_overrides", "RoutingMeter", "expert_flops_per_row", "image_flops_without_experts", "plot_sweep"]
+__all__ = ["eval_overrides", "RoutingMeter", "expert_flops_per_row", "image_flops_without_experts", "plot_sweep", "short_label"]
 
 
 def _layers(model) -> list[SparseMoE]:
@@ -111,12 +111,13 @@ def image_flops_without_experts(model) -> int:
     return int(counter.get_total_flops()) - meter.expert_flops
 
 
-def _short(spec: str) -> str:
-    """A legend label: `runs/limoe-tiny/seed0/checkpoints/last.ckpt` -> `limoe-tiny/seed0`."""
+def short_label(spec: str) -> str:
+    """A label for a model spec: `runs/limoe-tiny/seed0/checkpoints/last.ckpt` ->
+    `limoe-tiny/seed0/last.ckpt`, a path -> its name, a model name as it is."""
     parts = Path(spec).parts
     if "checkpoints" in parts:
         i = parts.index("checkpoints")
-        return "/".join(parts[max(0, i - 2):i]) or spec
+        return "/".join(parts[max(0, i - 2):i] + parts[-1:])
     return Path(spec).name if len(parts) > 1 else spec
 
 
@@ -133,10 +134,10 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     for r in rows:
         if r.get("capacity_factor") is None:
             ax.scatter([r["gflops_per_image"]], [100 * r["top1"]], marker="*", s=160, zorder=3, color="black",
-                       label=f"{_short(r['model'])} (dense)")
+                       label=f"{short_label(r['model'])} (dense)")
             continue
         bpr = r.get("batch_priority")
-        key = _short(r["model"]) + ("" if bpr is None else f", BPR {'on' if bpr else 'off'}")
+        key = short_label(r["model"]) + ("" if bpr is None else f", BPR {'on' if bpr else 'off'}")
         curves.setdefault(key, []).append(r)
     for key, pts in curves.items():
         pts = sorted(pts, key=lambda r: r["gflops_per_image"])

@@ -115,6 +115,12 @@ class SparseMoE(nn.Module):
             (Mixtral: softmax over the selected top-k logits, so a token's weights sum to 1).
         expert_type: "mlp" (act_layer MLP, timm / open_clip) or "swiglu" (Mixtral's experts).
         act_layer, bias: expert MLP activation and biases (timm / open_clip defaults).
+        implementation: experts' matmul path, "auto", "grouped_mm" or "loop" (a layer whose
+            experts are sharded, see `shard_experts`, always sends ragged rows).
+        *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
+            defaults depend on the router (V-MoE: importance and load 0.005).
+        modality_overrides: per-modality RoutingOptions fields, e.g.
+            {"text": {"capacity_factor": 2.0, "global_entropy_threshold": math.log(4)}}.
         eval_routing: how an eval-mode forward (model.eval()) groups tokens:
             "per_example" (default: each example of a [B, T, D] input, its real tokens, is
             its own routing group, so capacity and BPR compete only within the example and
@@ -122,12 +128,6 @@ class SparseMoE(nn.Module):
             grouping, V-MoE's evaluation: batch-dependent) or "dropless" (no capacity).
             Training forwards are unaffected.
         eval_capacity_factor: capacity factor of eval-mode forwards (default: capacity_factor).
-        implementation: experts' matmul path, "auto", "grouped_mm" or "loop" (a layer whose
-            experts are sharded, see `shard_experts`, always sends ragged rows).
-        *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
-            defaults depend on the router (V-MoE: importance and load 0.005).
-        modality_overrides: per-modality RoutingOptions fields, e.g.
-            {"text": {"capacity_factor": 2.0, "global_entropy_threshold": math.log(4)}}.
     """
 
     def __init__(
@@ -137,8 +137,6 @@ class SparseMoE(nn.Module):
         num_experts: int = 8,
         top_k: int | None = None,
         capacity_factor: float | None = 1.0,
-        eval_routing: Literal["per_example", "batch", "dropless"] = "per_example",
-        eval_capacity_factor: float | None = None,
         batch_priority: bool | None = None,
         router: RouterName = "topk",
         noise_scale: float | None = None,
@@ -158,6 +156,8 @@ class SparseMoE(nn.Module):
         global_entropy_weight: float | None = None,
         global_entropy_threshold: float | None = None,
         modality_overrides: dict[str, dict[str, Any]] | None = None,
+        eval_routing: Literal["per_example", "batch", "dropless"] = "per_example",
+        eval_capacity_factor: float | None = None,
     ):
         super().__init__()
         _check_int("dim", dim, 1)
@@ -387,7 +387,7 @@ class SparseMoE(nn.Module):
             if self.eval_routing == "dropless" and self.router_name != "expert_choice":
                 capacity_factor = None
             elif self.eval_routing == "per_example" and x.ndim >= 3:
-                S, per_group = max(x.shape[-2], 1), True  # one example, one routing group
+                S, per_group = max(T // max(x.shape[0], 1), 1), True  # one example ([B, ...tokens, D]), one group
         gates_GSE = self._group(gates_TE, S, 0.0)
         mask_GS = self._group(mask_T, S, False)
         G = gates_GSE.shape[0]
