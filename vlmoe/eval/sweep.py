@@ -5,7 +5,6 @@ image on the rows the experts actually computed."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,16 +29,8 @@ def eval_overrides(model, capacity_factor: float | None = None, batch_priority: 
         raise ConfigError(f"a capacity factor must be > 0; got {capacity_factor!r}")
     saved = [(m, m.options, dict(m.modality_options), m.eval_routing) for m in _layers(model)]
     try:
-        for m, opts, mopts, _ in saved:
-            change = {}
-            if capacity_factor is not None:
-                change["eval_capacity_factor"] = float(capacity_factor)
-            if batch_priority is not None:
-                change["batch_priority"] = bool(batch_priority)
-            m.options = replace(opts, **change)
-            m.modality_options = {k: replace(v, **change) for k, v in mopts.items()}
-            if eval_routing is not None:
-                m.eval_routing = eval_routing
+        for m, *_ in saved:
+            m.configure_eval(eval_routing, capacity_factor, batch_priority)
         yield
     finally:
         for m, opts, mopts, routing in saved:

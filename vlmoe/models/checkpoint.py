@@ -23,7 +23,7 @@ def _describe_start(head: bytes) -> str:
     """What a file that is not a checkpoint looks like, from its first bytes."""
     try:
         text = head.decode("utf-8")
-        if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text):
+        if all(c.isprintable() or c in "\r\n\t" for c in text):
             return f"a text file (it starts with {text[:24]!r})"
     except UnicodeDecodeError:
         pass

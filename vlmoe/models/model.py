@@ -353,17 +353,10 @@ class VLMoEModel(CLIP):
         return out
 
     def set_eval_routing(self, eval_routing: str | None = None, eval_capacity_factor: float | None = None) -> None:
-        """Change how eval-mode forwards route, for every MoE layer (weights untouched)."""
-        from ..moe.layer import EVAL_ROUTING
-
+        """Change how eval-mode forwards route, for every MoE layer (weights untouched); the
+        model's config (what save_pretrained writes) follows."""
         for m in self.moe_layers():
-            if eval_routing is not None:
-                if eval_routing not in EVAL_ROUTING:
-                    raise ConfigError(f"unknown eval_routing {eval_routing!r}; choose one of {EVAL_ROUTING}")
-                m.eval_routing = eval_routing
-            if eval_capacity_factor is not None:
-                for opts in [m.options, *m.modality_options.values()]:
-                    opts.eval_capacity_factor = eval_capacity_factor
+            m.configure_eval(eval_routing, eval_capacity_factor)
         if self.moe_config is not None:
             if eval_routing is not None:
                 self.moe_config.eval_routing = self.config["moe"]["eval_routing"] = eval_routing

@@ -173,11 +173,6 @@ class SparseMoE(nn.Module):
             raise ConfigError(f"capacity_factor must be a number > 0 (or None for dropless routing); got {capacity_factor!r}")
         if router not in ROUTERS:
             raise ConfigError(f"unknown router {router!r}; choose one of {ROUTERS}")
-        if eval_routing not in EVAL_ROUTING:
-            raise ConfigError(f"unknown eval_routing {eval_routing!r}; choose one of {EVAL_ROUTING}")
-        if eval_routing == "dropless" and router == "expert_choice":
-            raise ConfigError("eval_routing='dropless' needs a router that picks experts per token; expert choice picks "
-                              "tokens per expert (use 'per_example')")
         if gate not in GATES:
             raise ConfigError(f"unknown gate {gate!r}; choose one of {GATES}")
         if gate == "topk_softmax" and router == "expert_choice":
@@ -196,7 +191,7 @@ class SparseMoE(nn.Module):
         self.group_size, self.multiple_of = group_size, multiple_of
         self.normalize_combine_weights = normalize_combine_weights
         self.gate = gate
-        self.eval_routing = eval_routing
+        self.eval_routing = "per_example"
 
         weights = dict(_DEFAULT_WEIGHTS[router])
         given = dict(
@@ -222,6 +217,7 @@ class SparseMoE(nn.Module):
             for cf in (opts.capacity_factor, opts.eval_capacity_factor):
                 if cf is not None:
                     compute_capacity(1, 1, 1, cf)  # validates the factor
+        self.configure_eval(eval_routing)
 
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias,
@@ -247,6 +243,27 @@ class SparseMoE(nn.Module):
             f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}, "
             f"eval_routing={self.eval_routing}"
         )
+
+    def configure_eval(self, eval_routing: str | None = None, eval_capacity_factor: float | None = None,
+                       batch_priority: bool | None = None) -> None:
+        """Change how eval-mode forwards route, in every modality; None leaves a setting as it
+        is. `batch_priority` is the layer's BPR setting, which training shares."""
+        if eval_routing is not None:
+            if eval_routing not in EVAL_ROUTING:
+                raise ConfigError(f"unknown eval_routing {eval_routing!r}; choose one of {EVAL_ROUTING}")
+            if eval_routing == "dropless" and self.router_name == "expert_choice":
+                raise ConfigError("eval_routing='dropless' needs a router that picks experts per token; expert choice "
+                                  "picks tokens per expert (use 'per_example')")
+            self.eval_routing = eval_routing
+        change = {}
+        if eval_capacity_factor is not None:
+            compute_capacity(1, 1, 1, eval_capacity_factor)  # validates the factor
+            change["eval_capacity_factor"] = float(eval_capacity_factor)
+        if batch_priority is not None:
+            change["batch_priority"] = bool(batch_priority)
+        if change:
+            self.options = replace(self.options, **change)
+            self.modality_options = {k: replace(v, **change) for k, v in self.modality_options.items()}
 
     @property
     def ep(self):
@@ -278,14 +295,6 @@ class SparseMoE(nn.Module):
             t_T = torch.cat([t_T, t_T.new_full((pad, *t_T.shape[1:]), fill)])
         return t_T.reshape(-1, S, *t_T.shape[1:])
 
-    def _group_capacity(self, mask_GS, K: int, capacity_factor: float) -> torch.Tensor:
-        """Capacity of each group from its own real tokens (compute_capacity per group)."""
-        n_G = mask_GS.sum(1).clamp_min(1).double()
-        c_G = torch.ceil(n_G * K * capacity_factor / self.num_experts)
-        if self.multiple_of and self.multiple_of > 0:
-            c_G = torch.ceil(c_G / self.multiple_of) * self.multiple_of
-        return c_G.long()
-
     def _assign(self, gates_GSE, mask_GS, opts: RoutingOptions, capacity_factor: float | None, per_group: bool = False):
         """Flat routing over all choices of all groups: token_N (index into the padded token
         list), expert_N, group_N, slot_N (position in the group's buffer of that expert,
@@ -294,18 +303,23 @@ class SparseMoE(nn.Module):
         evaluation); otherwise from the real tokens of the fullest group."""
         G, S, E = gates_GSE.shape
         device = gates_GSE.device
-        # Capacity comes from real tokens, never from padding.
-        n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
-        if self.router_name == "expert_choice":
+        K = self.top_k if self.router_name != "expert_choice" else 1
+        # Capacity comes from real tokens, never from padding: each group's own (per_group), or
+        # the fullest group's.
+        capacity = route_capacity = None
+        if capacity_factor is not None:
             if per_group:
-                cap_G = self._group_capacity(mask_GS, 1, capacity_factor)
-                C = int(cap_G.max())
+                route_capacity = compute_capacity(mask_GS.sum(1), E, K, capacity_factor, self.multiple_of)
+                capacity = int(route_capacity.max())
             else:
-                C = compute_capacity(max(n_valid, 1), E, 1, capacity_factor, self.multiple_of)
+                n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
+                capacity = route_capacity = compute_capacity(max(n_valid, 1), E, K, capacity_factor, self.multiple_of)
+        if self.router_name == "expert_choice":
+            C = capacity
             token_GEC, weight_GEC = expert_choice_route(gates_GSE, C, mask_GS)
             C = token_GEC.shape[-1]
             if per_group:  # each group keeps its own top-C_g (the route sorted them by gate)
-                beyond_GEC = torch.arange(C, device=device).view(1, 1, C) >= cap_G.view(G, 1, 1)
+                beyond_GEC = torch.arange(C, device=device).view(1, 1, C) >= route_capacity.view(G, 1, 1)
                 token_GEC = token_GEC.masked_fill(beyond_GEC, -1)
                 weight_GEC = weight_GEC.masked_fill(beyond_GEC, 0.0)
             expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, C)
@@ -317,14 +331,6 @@ class SparseMoE(nn.Module):
             return (token_GEC.reshape(-1), expert_GEC.reshape(-1), group_GEC.reshape(-1),
                     slot_GEC.reshape(-1), weight_GEC.reshape(-1), C)
 
-        K = self.top_k
-        capacity = route_capacity = None
-        if capacity_factor is not None:
-            if per_group:
-                route_capacity = self._group_capacity(mask_GS, K, capacity_factor)
-                capacity = int(route_capacity.max())
-            else:
-                capacity = route_capacity = compute_capacity(max(n_valid, 1), E, K, capacity_factor, self.multiple_of)
         keep_GSK = None
         scale_GS1 = None
         if self.router_name == "gshard" or self.gate == "topk_softmax":

@@ -23,15 +23,18 @@ __all__ = ["Routing", "compute_capacity", "route", "expert_choice_route", "top_k
 
 
 def compute_capacity(
-    group_size: int,
+    group_size: int | torch.Tensor,
     num_experts: int,
     top_k: int = 1,
     capacity_factor: float = 1.0,
     multiple_of: int | None = 4,
-) -> int:
+) -> int | torch.Tensor:
     """Buffer slots per expert: ceil(group_size * top_k * capacity_factor / num_experts),
-    rounded up to a multiple of `multiple_of` (vmoe's `compute_capacity`)."""
-    if group_size < 1 or num_experts < 1 or top_k < 1:
+    rounded up to a multiple of `multiple_of` (vmoe's `compute_capacity`). A tensor of group
+    sizes (one per group, e.g. each example's real tokens; 0 counts as 1) gives a tensor of
+    capacities by the same rule, without a host sync."""
+    per_group = torch.is_tensor(group_size)
+    if (not per_group and group_size < 1) or num_experts < 1 or top_k < 1:
         raise ConfigError(
             f"compute_capacity needs group_size, num_experts and top_k >= 1; "
             f"got group_size={group_size}, num_experts={num_experts}, top_k={top_k}"
@@ -42,14 +45,12 @@ def compute_capacity(
             f"capacity_factor must be a positive finite number (or None for dropless routing "
             f"in SparseMoE); got {capacity_factor!r}"
         )
-    capacity = math.ceil(group_size * top_k * capacity_factor / num_experts)
-    if capacity < 1:  # pragma: no cover - ceil of a positive number is >= 1
-        raise ConfigError(
-            f"capacity_factor={capacity_factor} gives capacity {capacity} for {num_experts} experts "
-            f"and {group_size} tokens; increase capacity_factor"
-        )
+    if per_group:
+        capacity = torch.ceil(group_size.clamp_min(1).double() * top_k * capacity_factor / num_experts).long()
+    else:
+        capacity = math.ceil(group_size * top_k * capacity_factor / num_experts)  # >= 1: all factors are positive
     if multiple_of and multiple_of > 0:
-        capacity += (-capacity) % multiple_of
+        capacity = capacity + (-capacity) % multiple_of
     return capacity
 
 

@@ -386,9 +386,7 @@ class LIMoEModule(L.LightningModule):
         report = DataReport()
         for k in keys:
             part = self.data_report[k].reduced(self)
-            for r, n in part.reasons.items():
-                report.reasons[r] = report.reasons.get(r, 0) + n
-            report.unreadable += [u for u in part.unreadable if u not in report.unreadable]
+            report.add({"skip_reasons": part.reasons, "unreadable": part.unreadable})
         self.last_data_summary = report.line(what)
         if self.global_rank != 0:
             return
