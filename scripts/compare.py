@@ -1,16 +1,20 @@
-"""Comparison report: N seeds of each variant, mean +- std of every metric, so a claimed
-difference is measured. The default variants answer the package's questions:
+"""Comparison report: N seeds of each variant, paired by seed (same seed: same data order,
+the same initialisation where the architectures agree), so a claimed difference is measured.
 
-* limoe-tiny vs clip-tiny (same active compute, data, steps and seeds);
-* LIMoE entropy losses on vs off (expert usage per modality);
+* LIMoE vs CLIP at the same active compute: the mean per-seed difference in zero-shot top-1
+  with its 95% t-interval (`vlmoe.eval.paired`), and how many seeds favour LIMoE;
+* joint routing (LIMoE's: image and text tokens in one routing group) vs per-modality;
+* collapse: the effective number of experts exp(H(p)) per MoE layer and modality, with and
+  without the LIMoE entropy losses, against the thresholds exp(tau) they ask for;
 * Batch Prioritized Routing vs vanilla routing at capacity factor 0.5 and 1.0.
 
-    python scripts/compare.py --seeds 0 1 2 --steps 250 --out outputs/compare
+    python scripts/compare.py --seeds 0 1 2 3 4 --steps 250 --out outputs/compare
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -19,18 +23,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "digits"
-NO_ENTROPY = {"moe": {"local_entropy_weight": 0.0, "global_entropy_weight": 0.0}}
+NO_ENTROPY = {"local_entropy_weight": 0.0, "global_entropy_weight": 0.0}
+JOINT = {"routing_groups": "joint"}
 
 VARIANTS = {
     "clip-tiny": ("clip-tiny", None),
     "limoe-tiny": ("limoe-tiny", None),
-    "limoe-tiny, no entropy losses": ("limoe-tiny", NO_ENTROPY),
+    "limoe-tiny, joint": ("limoe-tiny", {"moe": JOINT}),
+    "limoe-tiny, joint, no entropy losses": ("limoe-tiny", {"moe": {**JOINT, **NO_ENTROPY}}),
+    "limoe-tiny, joint, text tau log 4": ("limoe-tiny", {"moe": {**JOINT, "text": {"global_entropy_threshold": math.log(4)}}}),
+    "limoe-tiny, no entropy losses": ("limoe-tiny", {"moe": NO_ENTROPY}),
     "limoe-tiny, vanilla, cf 1.0": ("limoe-tiny", {"moe": {"batch_priority": False}}),
     "limoe-tiny, BPR, cf 0.5": ("limoe-tiny", {"moe": {"capacity_factor": 0.5}}),
     "limoe-tiny, vanilla, cf 0.5": ("limoe-tiny", {"moe": {"capacity_factor": 0.5, "batch_priority": False}}),
 }
+DEFAULT_VARIANTS = ["clip-tiny", "limoe-tiny", "limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"]
 METRICS = [("zeroshot_top1", "zero-shot top-1", 100, "{:.1f}%"), ("retrieval_i2t_R@1", "R@1 i->t", 100, "{:.1f}%"),
            ("retrieval_t2i_R@1", "R@1 t->i", 100, "{:.1f}%"), ("samples_per_sec", "samples/s", 1, "{:.0f}")]
+# (a, b) pairs reported as paired differences, when both variants ran
+PAIRS = [("limoe-tiny", "clip-tiny"), ("limoe-tiny, joint", "clip-tiny"), ("limoe-tiny, joint", "limoe-tiny"),
+         ("limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"),
+         ("limoe-tiny, joint, text tau log 4", "limoe-tiny, joint"), ("limoe-tiny", "limoe-tiny, no entropy losses"),
+         ("limoe-tiny, BPR, cf 0.5", "limoe-tiny, vanilla, cf 0.5")]
 
 
 def mean_std(xs: list[float], fmt: str) -> str:
@@ -38,7 +52,7 @@ def mean_std(xs: list[float], fmt: str) -> str:
         return "-"
     m = statistics.mean(xs)
     s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{fmt.format(m)} +- {fmt.format(s).rstrip('%')}" + ("" if not fmt.endswith("%") else "")
+    return f"{fmt.format(m)} +- {fmt.format(s).rstrip('%')}"
 
 
 def summarize(runs: list[dict], variants: list[str]) -> str:
@@ -55,12 +69,74 @@ def summarize(runs: list[dict], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_results(runs: list[dict], variants: list[str], metric: str = "zeroshot_top1") -> list[dict]:
+    """Per pair of variants that both ran: the per-seed differences in `metric` (points) with
+    their mean, 95% t-interval and the seeds that favour the first (vlmoe.eval.paired)."""
+    from vlmoe.eval.paired import paired_difference
+
+    by = {v: {r["seed"]: 100 * r[metric] for r in runs if r["model"] == v and r.get(metric) is not None} for v in variants}
+    out = []
+    for a, b in PAIRS:
+        if a in by and b in by:
+            d = paired_difference(by[a], by[b])
+            if d["n"]:
+                out.append({"a": a, "b": b, "metric": metric, **d})
+    return out
+
+
+def paired_table(results: list[dict]) -> str:
+    lines = ["| A - B (zero-shot top-1, points) | seeds | mean | 95% interval | A better | per seed |", "|---|---|---|---|---|---|"]
+    for d in results:
+        ci = f"[{d['low']:+.1f}, {d['high']:+.1f}]" if d["low"] is not None else "- (one seed)"
+        lines.append(f"| {d['a']} - {d['b']} | {d['n']} | {d['mean']:+.1f} | {ci} | {d['wins']}/{d['n']} | "
+                     + " ".join(f"{x:+.1f}" for x in d["diffs"]) + " |")
+    return "\n".join(lines)
+
+
+def _thresholds(overrides: dict | None) -> dict:
+    """exp(tau) per modality: the effective experts the global entropy loss asks for."""
+    from vlmoe.models.factory import get_model_config
+
+    cfg = get_model_config("limoe-tiny")["moe"]
+    moe = {**cfg, **((overrides or {}).get("moe") or {})}
+    if not moe.get("global_entropy_weight"):
+        return {}
+    out = {}
+    for m in ("image", "text"):
+        tau = (moe.get(m) or {}).get("global_entropy_threshold", moe.get("global_entropy_threshold"))
+        if tau is not None:
+            out[m] = math.exp(tau)
+    return out
+
+
+def collapse_table(runs: list[dict], variants: list[str]) -> str:
+    """Per MoE variant, layer and modality: effective experts exp(H(p)) and the top expert's
+    share of the modality's tokens (means over seeds, min-max in brackets)."""
+    lines = ["| variant | layer | image: effective experts | text: effective experts | image: top expert share | "
+             "text: top expert share | target exp(tau) image / text |", "|---|---|---|---|---|---|---|"]
+    for v in variants:
+        rs = [r for r in runs if r["model"] == v and r.get("expert_usage")]
+        if not rs:
+            continue
+        target = _thresholds(VARIANTS[v][1])
+        goal = " / ".join(f"{target[m]:.1f}" if m in target else "-" for m in ("image", "text"))
+        n_layers = len(rs[0]["expert_usage"]["image"]["effective_experts"])
+        for layer in range(n_layers):
+            cells = []
+            for key, scale, fmt in (("effective_experts", 1, "{:.2f}"), ("top_expert_share", 100, "{:.0f}%")):
+                for m in ("image", "text"):
+                    xs = [r["expert_usage"][m][key][layer] * scale for r in rs if m in r["expert_usage"]]
+                    cells.append(f"{fmt.format(statistics.mean(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})" if xs else "-")
+            lines.append(f"| {v} | {layer} | " + " | ".join(cells) + f" | {goal} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
     p.add_argument("--num-workers", type=int, default=1)
     a = p.parse_args(argv)
@@ -88,9 +164,14 @@ def main(argv=None):
         with open(results_path, "a") as f:
             f.write(json.dumps(r) + "\n")
     runs = [r for r in done if r["steps"] == a.steps and r["seed"] in a.seeds]
-    table = summarize(runs, a.variants)
     header = f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}), {a.steps} steps x {a.batch_size}, bundled digits; mean +- std\n\n"
+    paired = paired_results(runs, a.variants)
+    table = "\n\n".join(t for t in (summarize(runs, a.variants), paired_table(paired),
+                                     collapse_table(runs, a.variants)) if t.count("\n") > 1)
     (a.out / "table.md").write_text(header + table + "\n")
+    summary = {"steps": a.steps, "batch_size": a.batch_size, "seeds": a.seeds, "paired": paired,
+               "command": "python scripts/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(header + table)
     return runs
 

@@ -41,6 +41,33 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY = ROOT / "docs" / "compare" / "summary.json"  # the paired multi-seed report (scripts/compare.py)
+
+
+def seed_context(results: list[dict], summary_path: Path = SUMMARY) -> str:
+    """What this single-seed run can and cannot show, with the paired multi-seed result of
+    the comparison report beside it."""
+    by = {r["model"]: r for r in results}
+    if "limoe-tiny" not in by or "clip-tiny" not in by:
+        return ""
+    seed, steps = by["limoe-tiny"]["seed"], by["limoe-tiny"]["steps"]
+    d = 100 * (by["limoe-tiny"]["zeroshot_top1"] - by["clip-tiny"]["zeroshot_top1"])
+    lines = [f"This run is one seed ({seed}): LIMoE - CLIP = {d:+.1f} points of zero-shot top-1. One seed shows that "
+             "both models train and how they route; it cannot say which is better, because the difference moves by "
+             "several points from seed to seed."]
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        for p in summary["paired"]:
+            if p["b"] == "clip-tiny" and p["a"].startswith("limoe-tiny") and p["low"] is not None:
+                lines.append(
+                    f"Paired over {p['n']} seeds ({summary['steps']} steps x {summary['batch_size']}; docs/compare, "
+                    f"`{summary['command']}`): {p['a']} - clip-tiny = {p['mean']:+.1f} points, 95% interval "
+                    f"[{p['low']:+.1f}, {p['high']:+.1f}], LIMoE ahead on {p['wins']} of {p['n']} seeds"
+                    f"{' (seed ' + str(seed) + ': ' + format(p['diffs'][p['seeds'].index(seed)], '+.1f') + ')' if seed in p['seeds'] and summary['steps'] == steps else ''}.")
+        lines.append("An interval that contains 0 means the report does not show a difference at this length.")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=250)
@@ -72,9 +99,12 @@ def main(argv=None):
     table = format_table(results)
     header = (f"Zero-shot on {DATA.relative_to(ROOT)}/test (500 held-out digits, 10 classes), retrieval on val (500 pairs); "
               f"{a.steps} steps x {a.batch_size}, seed {a.seed}; {time.time() - t0:.0f}s in all\n\n")
-    (a.out / "table.md").write_text(header + table + "\n")
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
+    context = seed_context(results)
+    (a.out / "table.md").write_text(header + table + "\n" + ("\n" + context + "\n" if context else ""))
     print("\n" + header + table)
+    if context:
+        print("\n" + context)
     print(f"\nwrote {a.out / 'table.md'}, {a.out / 'results.json'} and the routing pictures (routing_*.png)", file=sys.stderr)
     return results
 

@@ -48,23 +48,27 @@ def _interleaved(fns: dict, reps: int, device) -> dict[str, float]:
 
 
 def check_correctness(device) -> dict:
-    """A tiny LIMoE on the device (float32) against the same model on the CPU."""
-    torch.manual_seed(0)
-    model = vlmoe.create_model("limoe-tiny", moe={"capacity_factor": None, "noise_scale": 0.0}).train()
-    size, ctx = model_input_spec("limoe-tiny")
-    images = torch.randn(8, 3, size, size)
-    texts = vlmoe.get_tokenizer(model)([f"caption {i}" for i in range(8)])
-    results = {}
-    for dev in (torch.device("cpu"), device):
-        m = model.to(dev)
-        m.zero_grad(set_to_none=True)
-        out = m(images.to(dev), texts.to(dev))
-        (out["image_features"].square().sum() + out["text_features"].sum()).backward()
-        results[dev.type] = (out["image_features"].detach().cpu(),
-                             {n: p.grad.detach().cpu() for n, p in m.named_parameters() if p.grad is not None})
-    (f_cpu, g_cpu), (f_dev, g_dev) = results["cpu"], results[device.type]
-    out = {"features_max_abs_diff": float((f_cpu - f_dev).abs().max()),
-           "grads_max_abs_diff": max(float((g_cpu[n] - g_dev[n]).abs().max()) for n in g_cpu)}
+    """A tiny LIMoE on the device (float32) against the same model on the CPU, with
+    per-modality and with joint routing (the towers in lockstep, one joint MoE call)."""
+    out = {}
+    for routing_groups in ("per_modality", "joint"):
+        torch.manual_seed(0)
+        model = vlmoe.create_model("limoe-tiny", moe={"capacity_factor": None, "noise_scale": 0.0,
+                                                       "routing_groups": routing_groups}).train()
+        size, ctx = model_input_spec("limoe-tiny")
+        images = torch.randn(8, 3, size, size)
+        texts = vlmoe.get_tokenizer(model)([f"caption {i}" for i in range(8)])
+        results = {}
+        for dev in (torch.device("cpu"), device):
+            m = model.to(dev)
+            m.zero_grad(set_to_none=True)
+            o = m(images.to(dev), texts.to(dev))
+            (o["image_features"].square().sum() + o["text_features"].sum()).backward()
+            results[dev.type] = (torch.cat([o["image_features"], o["text_features"]]).detach().cpu(),
+                                 {n: p.grad.detach().cpu() for n, p in m.named_parameters() if p.grad is not None})
+        (f_cpu, g_cpu), (f_dev, g_dev) = results["cpu"], results[device.type]
+        out[f"{routing_groups}_features_max_abs_diff"] = float((f_cpu - f_dev).abs().max())
+        out[f"{routing_groups}_grads_max_abs_diff"] = max(float((g_cpu[n] - g_dev[n]).abs().max()) for n in g_cpu)
 
     torch.manual_seed(0)
     moe = SparseMoE(256, 1024, num_experts=8, top_k=2, noise_scale=0.0).to(device)

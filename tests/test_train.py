@@ -159,9 +159,9 @@ NO_AUX = {"moe": {"capacity_factor": None, "noise_scale": 0.0, "importance_weigh
                   "local_entropy_weight": 0.0, "global_entropy_weight": 0.0}}
 
 
-def _run(devices, per_device_batch, path):
+def _run(devices, per_device_batch, path, overrides=NO_AUX):
     torch.manual_seed(0)
-    module = LIMoEModule("limoe-tiny", model_overrides=NO_AUX, warmup_steps=1)
+    module = LIMoEModule("limoe-tiny", model_overrides=overrides, warmup_steps=1)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
         default_root_dir=str(path.parent),
@@ -247,10 +247,22 @@ def test_make_shards_and_export_scripts(tmp_path, shards):
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_bf16_mixed_and_grad_checkpointing_fit(shards, tmp_path):
-    cli = cli_main(fit_args(shards, tmp_path, steps=2, extra=["--trainer.precision=bf16-mixed", "--model.grad_checkpointing=true"]))
+@pytest.mark.parametrize("routing_groups", ["per_modality", "joint"])
+def test_bf16_mixed_and_grad_checkpointing_fit(shards, tmp_path, routing_groups):
+    cli = cli_main(fit_args(shards, tmp_path, steps=2, extra=[
+        "--trainer.precision=bf16-mixed", "--model.grad_checkpointing=true",
+        f'--model.model_overrides={{"moe": {{"routing_groups": "{routing_groups}"}}}}']))
     assert cli.trainer.global_step == 2
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    metrics = read_metrics(Path(cli.trainer.log_dir))
+    joint_keys = [k for k in metrics if "/joint/" in k]
+    assert bool(joint_keys) == (routing_groups == "joint")
+    if joint_keys:  # the union's balance losses, the entropy losses per modality
+        assert any(k.endswith("/joint/importance_loss") for k in joint_keys)
+        assert not any(k.endswith("/joint/local_entropy_loss") for k in joint_keys)
+        assert any(k.endswith("/text/local_entropy_loss") for k in metrics)
+    for m in ("image", "text"):  # validation reports LIMoE's collapse measure per layer and modality
+        assert 1.0 <= metrics[f"val/effective_experts/layer0/{m}"][-1] <= 8.0
 
 
 def test_unreadable_shard_is_reported_by_name(shards, tmp_path, caplog):

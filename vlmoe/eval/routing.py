@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from ..moe import SparseMoE
 
-__all__ = ["capture_routing", "routing_summary", "expert_colors", "modality_bars", "patch_maps", "token_table",
+__all__ = ["capture_routing", "routing_summary", "effective_experts", "expert_colors", "modality_bars", "patch_maps", "token_table",
            "write_routing_report"]
 
 
@@ -60,6 +59,14 @@ def expert_colors(num_experts: int):
     return [matplotlib.colors.hsv_to_rgb((e / num_experts, 0.65, 0.9)) for e in range(num_experts)]
 
 
+def effective_experts(p: torch.Tensor) -> float:
+    """exp(H(p)) of a distribution over experts: 1 when all mass is on one expert, E when
+    it is uniform. With p a modality's mean routing distribution, LIMoE's measure of
+    whether the modality collapsed onto few experts."""
+    p = p.double() / p.double().sum().clamp_min(1e-300)
+    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
+
+
 def routing_summary(store: dict, num_experts: list[int]) -> dict:
     """Per layer and modality: tokens per expert (top-1), share, dropped fraction of the
     top-1 choices, effective number of experts exp(H(share)) and the top expert's share."""
@@ -73,11 +80,10 @@ def routing_summary(store: dict, num_experts: list[int]) -> dict:
             kept = torch.cat([r["kept"][r["mask"]].reshape(-1) for r in mine])
             counts = torch.bincount(experts, minlength=E).double()
             share = counts / counts.sum().clamp_min(1)
-            entropy = -(share * share.clamp_min(1e-20).log()).sum()
             layer[modality] = {
                 "tokens": int(counts.sum()), "tokens_per_expert": counts.long().tolist(), "share": share.tolist(),
                 "dropped_frac": float(1 - kept.double().mean()) if kept.numel() else 0.0,
-                "effective_experts": float(math.exp(float(entropy))), "top_expert_share": float(share.max()),
+                "effective_experts": effective_experts(share) if counts.sum() else 1.0, "top_expert_share": float(share.max()),
             }
         out[f"layer{i}"] = layer
     return out

@@ -14,15 +14,18 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
 
 from ..moe import SparseMoE, collect_aux, current_routing_context, routing_context
 from ..errors import ConfigError
 
-__all__ = ["MoEConfig", "VLMoEModel", "TimmImageTower", "resolve_layers", "tower_blocks", "SHARING_MODES"]
+__all__ = ["MoEConfig", "VLMoEModel", "TimmImageTower", "resolve_layers", "tower_blocks", "SHARING_MODES",
+           "ROUTING_GROUPS"]
 
 Sharing = Literal["none", "moe", "all"]
 SHARING_MODES = ("none", "moe", "all")
+ROUTING_GROUPS = ("per_modality", "joint")
 
 
 @dataclass
@@ -38,6 +41,11 @@ class MoEConfig:
     eval_routing: str = "per_example"
     eval_capacity_factor: float | None = None
     router: str = "topk"  # topk | switch | gshard | expert_choice
+    # "per_modality": each shared MoE layer routes a batch's image patches and its text tokens
+    # in separate calls (separate groups, capacities and balance losses); "joint": LIMoE's,
+    # model(image, text) routes both together in one group (capacity, BPR and the V-MoE
+    # losses over the union; the entropy losses per modality). Needs sharing "moe" or "all".
+    routing_groups: str = "per_modality"
     batch_priority: bool | None = None  # BPR; None: on for topk / expert_choice, off for switch / gshard (position)
     noise_scale: float | None = None  # router noise std * E (default 1.0 for topk)
     group_size: int | None = None  # tokens per routing group (default: one group per call)
@@ -232,6 +240,7 @@ class VLMoEModel(CLIP):
         self.sharing, self.pad_id = sharing, pad_id
         self.moe_config = MoEConfig.from_dict(moe)
 
+        self._grad_checkpointing = False
         image_blocks, text_blocks = tower_blocks(self.visual), tower_blocks(self.transformer)
         if sharing == "all":
             if timm_name:
@@ -278,6 +287,37 @@ class VLMoEModel(CLIP):
                         )
                     shared = image_moes if not depth else [image_moes[0]] * len(self.text_moe_layers)
                 install_moe(text_blocks, self.text_moe_layers, maker("text"), existing=shared, share_across_depth=depth)
+            if cfg.routing_groups not in ROUTING_GROUPS:
+                raise ConfigError(f"unknown moe.routing_groups {cfg.routing_groups!r}; choose one of {ROUTING_GROUPS}")
+            if cfg.routing_groups == "joint":
+                self._check_joint(image_blocks, text_blocks)
+
+    @property
+    def routing_groups(self) -> str:
+        return self.moe_config.routing_groups if self.moe_config is not None else "per_modality"
+
+    def _check_joint(self, image_blocks, text_blocks) -> None:
+        """Joint routing drives both towers block by block; say clearly what it cannot drive."""
+        if self.sharing == "none":
+            raise ConfigError("moe.routing_groups='joint' routes images and text through the same MoE layers, but "
+                              "sharing='none' gives each tower its own; use sharing='moe' or 'all', or "
+                              "routing_groups='per_modality'")
+        if isinstance(self.visual, TimmImageTower):
+            raise ConfigError("moe.routing_groups='joint' drives open_clip's blocks in lockstep; a timm image tower is "
+                              "not supported: use an open_clip vision tower or routing_groups='per_modality'")
+        pairs = list(zip(self.image_moe_layers, self.text_moe_layers))
+        if len(self.image_moe_layers) != len(self.text_moe_layers) or any(
+                image_blocks[i].mlp is not text_blocks[t].mlp for i, t in pairs):
+            raise ConfigError(f"moe.routing_groups='joint' needs the towers' MoE layers paired one to one (image blocks "
+                              f"{self.image_moe_layers}, text blocks {self.text_moe_layers}); give both towers the same "
+                              f"number of MoE layers")
+        for what, tower, blocks in (("image", self.visual.transformer, image_blocks), ("text", self.transformer, text_blocks)):
+            bad = [i for i, b in enumerate(blocks) if type(b) is not ResidualAttentionBlock or hasattr(b, "ln_1_kv")]
+            if bad or not getattr(tower, "batch_first", True):
+                raise ConfigError(f"moe.routing_groups='joint' drives open_clip's ResidualAttentionBlock (batch first); "
+                                  f"the {what} tower's blocks {bad or 'all'} are not that; use routing_groups='per_modality'")
+        for m in self.moe_layers():
+            m.check_joint_options()
 
     # -- the open_clip surface --------------------------------------------------------
     @property
@@ -330,13 +370,70 @@ class VLMoEModel(CLIP):
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict:
         """Normalized features, logit scale (exp'd, as open_clip) and the MoE auxiliary terms:
         `aux_loss` (weighted sum over layers and modalities) and `moe_metrics` (per layer and
-        modality, for logging)."""
+        modality, for logging). With moe.routing_groups="joint" and both inputs given, the
+        towers run in lockstep and every shared MoE layer routes both modalities together."""
         for m in self.moe_layers():
             m.aux.clear()  # an image-only or text-only call reports only its modality
-        out = super().forward(image, text)
+        if self.routing_groups == "joint" and image is not None and text is not None:
+            image_features, text_features = self.encode_joint(image, text, normalize=True)
+            out = {"image_features": image_features, "text_features": text_features, "logit_scale": self.logit_scale.exp()}
+            if self.logit_bias is not None:
+                out["logit_bias"] = self.logit_bias
+        else:
+            out = super().forward(image, text)
         aux, out["moe_metrics"] = collect_aux(self)
         out["aux_loss"] = aux.to(out["logit_scale"].device)  # a dense model's 0 stays on the right device
         return out
+
+    def encode_joint(self, image: torch.Tensor, text: torch.Tensor, normalize: bool = False):
+        """(image features, text features) with the towers advanced block by block together:
+        at each MoE depth both modalities' tokens go through the shared layer in one joint
+        call (`SparseMoE.forward_joint`). The embedding, attention, pooling and projection are
+        open_clip's own modules."""
+        self.check_images(image)
+        text = self.prepare_text(text)
+        v = self.visual
+        x_img = v._embeds(image)
+        cast = self.transformer.get_cast_dtype()
+        x_txt = self.token_embedding(text).to(cast) + self.positional_embedding.to(cast)
+        mask = text != self.pad_id
+        image_blocks, text_blocks = tower_blocks(v), tower_blocks(self.transformer)
+        depths = [*zip(self.image_moe_layers, self.text_moe_layers), (len(image_blocks), len(text_blocks))]
+        i = t = 0
+        for i_moe, t_moe in depths:
+            with routing_context("image"):  # the dense blocks up to the next MoE depth
+                for block in image_blocks[i:i_moe]:
+                    x_img = block(x_img)
+            with routing_context("text", mask):
+                for block in text_blocks[t:t_moe]:
+                    x_txt = block(x_txt, attn_mask=self.attn_mask)
+            if i_moe < len(image_blocks):
+                x_img, x_txt = self._joint_block(image_blocks[i_moe], text_blocks[t_moe], x_img, x_txt, mask)
+            i, t = i_moe + 1, t_moe + 1
+        pooled, _ = v._pool(x_img)
+        image_features = pooled @ v.proj if v.proj is not None else pooled
+        x_txt = self.ln_final(x_txt)
+        x_txt = text_global_pool(x_txt, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
+        if self.text_projection is not None:
+            x_txt = self.text_projection(x_txt) if isinstance(self.text_projection, nn.Linear) else x_txt @ self.text_projection
+        if normalize:
+            return F.normalize(image_features, dim=-1), F.normalize(x_txt, dim=-1)
+        return image_features, x_txt
+
+    def _joint_block(self, image_block, text_block, x_img, x_txt, mask):
+        """One MoE depth of both towers: each block's attention half, then the shared MoE on
+        both modalities' tokens at once (checkpointed together: recomputing one modality
+        alone would route differently)."""
+        def run(x_img, x_txt):
+            x_img = x_img + image_block.ls_1(image_block.attention(q_x=image_block.ln_1(x_img)))
+            x_txt = x_txt + text_block.ls_1(text_block.attention(q_x=text_block.ln_1(x_txt), attn_mask=self.attn_mask))
+            y = image_block.mlp.forward_joint({"image": (image_block.ln_2(x_img), None),
+                                               "text": (text_block.ln_2(x_txt), mask)})
+            return x_img + image_block.ls_2(y["image"]), x_txt + text_block.ls_2(y["text"])
+
+        if self._grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(run, x_img, x_txt, use_reentrant=False)
+        return run(x_img, x_txt)
 
     def eval_routing(self) -> dict | None:
         """How eval-mode forwards route ({"eval_routing", "eval_capacity_factor"}; the
@@ -376,6 +473,7 @@ class VLMoEModel(CLIP):
         """Activation checkpointing per block. open_clip's own checkpointing would recompute
         the blocks in backward outside the routing context (text routed without its padding
         mask); here each block re-enters the context it ran in."""
+        self._grad_checkpointing = bool(enable)  # the joint MoE depths (see _joint_block)
         blocks = tower_blocks(self.visual) + ([] if self.sharing == "all" else tower_blocks(self.transformer))
         for block in blocks:
             if enable:

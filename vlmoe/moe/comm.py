@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 
 __all__ = [
-    "ExpertParallelGroups", "init_expert_parallel", "all_to_all", "AllToAllMeter", "all_to_all_meter",
+    "ExpertParallelGroups", "init_expert_parallel", "forget_expert_parallel", "all_to_all", "AllToAllMeter", "all_to_all_meter",
     "expert_parallel_apply",
 ]
 
@@ -77,6 +77,11 @@ def init_expert_parallel(ep_size: int) -> ExpertParallelGroups:
     )
     _GROUPS[key] = groups
     return groups
+
+
+def forget_expert_parallel() -> None:
+    """Drop the cached EP / EDP groups (before `destroy_process_group`, which ends them)."""
+    _GROUPS.clear()
 
 
 class AllToAllMeter:

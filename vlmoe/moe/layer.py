@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Literal
@@ -361,18 +362,111 @@ class SparseMoE(nn.Module):
         ctx_modality, ctx_mask = _CONTEXT.get()
         modality = modality if modality is not None else ctx_modality
         mask = mask if mask is not None else ctx_mask
+        x_TD, mask_T = self._flat(x, mask)
+        T = x_TD.shape[0]
+        opts = self.options_for(modality)
+        S, per_group = max(min(self.group_size or T, T), 1), False
+        if not self.training and self.eval_routing == "per_example" and x.ndim >= 3:
+            S, per_group = max(T // max(x.shape[0], 1), 1), True  # one example ([B, ...tokens, D]), one group
+        out_TD, r = self._dispatch(x_TD, mask_T, S, opts, self._capacity_factor(opts), per_group)
+        if self.capture is not None:  # per-token routing, for pictures (vlmoe.eval.routing)
+            expert_T, kept_T = self._top1_kept(r, T)
+            self._capture_one(modality, x.shape[:-1], expert_T, kept_T, mask_T)
+        self._record(modality, self._aux(r, mask_T, S, opts))
+        return out_TD.reshape(x.shape)
+
+    def forward_joint(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """Route several modalities' tokens together: LIMoE's joint routing.
+
+        `parts` maps each modality to (x [B, T, D] or [N, D], token mask or None); returns
+        each modality's output, shaped like its input. The real tokens of all parts form one
+        routing group per call (or `group_size` groups, filled example by example: example
+        b's tokens of every modality, then example b+1's), so image patches and text tokens
+        compete for the same capacity; BPR ranks them together; the importance / load /
+        balance / z losses are computed over the union (recorded under "joint"). Masked
+        tokens (text padding) are left out: they take no capacity and get output 0. The
+        LIMoE entropy losses and the per-modality statistics stay per modality, each over its
+        own tokens (recorded under the modality). Capacity, BPR and those union losses use
+        the layer's shared options, so per-modality overrides of them are refused.
+
+        In eval mode with eval_routing="per_example" each modality's examples are routed
+        alone, as `forward` does, so results do not depend on the batch.
+        """
+        if not parts:
+            raise ConfigError("forward_joint needs at least one modality's tokens")
+        if not self.training and self.eval_routing == "per_example":
+            return {m: self.forward(x, mask, m) for m, (x, mask) in parts.items()}
+        self.check_joint_options()
+        opts = self.options
+        flats, dtype = {}, functools.reduce(torch.promote_types, [x.dtype for x, _ in parts.values()])
+        xs, examples, owners = [], [], []
+        for i, (m, (x, mask)) in enumerate(parts.items()):
+            x_TD, mask_T = self._flat(x, mask)
+            real_R = mask_T.nonzero().squeeze(1)
+            per_example = max(x_TD.shape[0] // x.shape[0], 1) if x.ndim >= 3 else max(x_TD.shape[0], 1)
+            flats[m] = (x, x_TD, mask_T, real_R)
+            xs.append(x_TD.index_select(0, real_R).to(dtype))
+            examples.append(real_R // per_example)
+            owners.append(torch.full_like(real_R, i))
+        # example by example, each example's modalities in the order given (stable sort)
+        order_U = torch.sort(torch.cat(examples), stable=True).indices
+        x_UD = torch.cat(xs).index_select(0, order_U)
+        owner_U = torch.cat(owners).index_select(0, order_U)
+        U = x_UD.shape[0]
+        mask_U = torch.ones(U, dtype=torch.bool, device=x_UD.device)
+        S = max(min(self.group_size or U, U), 1)
+        out_UD, r = self._dispatch(x_UD, mask_U, S, opts, self._capacity_factor(opts), False)
+        self._record("joint", self._aux(r, mask_U, S, opts, losses=_UNION_LOSSES))
+        if self.capture is not None:
+            expert_U, kept_U = self._top1_kept(r, U)
+        outs = {}
+        for i, (m, (x, x_TD, mask_T, real_R)) in enumerate(flats.items()):
+            rows = (owner_U == i).nonzero().squeeze(1)  # in routed order; real_R is in the same order
+            out_TD = torch.zeros_like(x_TD).index_copy_(0, real_R, out_UD.index_select(0, rows).to(x_TD.dtype))
+            outs[m] = out_TD.reshape(x.shape)
+            n = rows.numel()
+            self._record(m, self._aux(r, mask_U, max(n, 1), self.options_for(m), losses=_MODALITY_LOSSES, rows=rows))
+            if self.capture is not None:
+                T = mask_T.numel()
+                expert_T = torch.full((T,), -1, dtype=torch.long, device=mask_T.device).index_copy_(0, real_R, expert_U[rows])
+                kept_T = torch.zeros(T, dtype=torch.bool, device=mask_T.device).index_copy_(0, real_R, kept_U[rows])
+                self._capture_one(m, x.shape[:-1], expert_T, kept_T, mask_T)
+        return outs
+
+    def _capacity_factor(self, opts: RoutingOptions) -> float | None:
+        """The capacity factor a call routes with now (None: dropless)."""
+        if self.training:
+            return opts.capacity_factor
+        if self.eval_routing == "dropless" and self.router_name != "expert_choice":
+            return None
+        return opts.eval_capacity_factor if opts.eval_capacity_factor is not None else opts.capacity_factor
+
+    def check_joint_options(self) -> None:
+        """Joint routing uses one capacity, one BPR setting and one set of union losses: a
+        per-modality override of those cannot apply."""
+        for m, o in self.modality_options.items():
+            differ = [f for f in _UNION_OPTIONS if getattr(o, f) != getattr(self.options, f)]
+            if differ:
+                raise ConfigError(
+                    f"joint routing routes every modality in one group, so {differ} cannot differ for {m!r}; set them "
+                    f"for the layer, not per modality (per modality in joint routing: "
+                    f"{[f.name for f in fields(RoutingOptions) if f.name not in _UNION_OPTIONS]})"
+                )
+
+    def _flat(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ConfigError(f"SparseMoE(dim={self.dim}) expects [..., {self.dim}] input; got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
-        T, D, E = x_TD.shape[0], self.dim, self.num_experts
+        T = x_TD.shape[0]
         if mask is None:
-            mask_T = torch.ones(T, dtype=torch.bool, device=x.device)
-        else:
-            if mask.shape != x.shape[:-1]:
-                raise ConfigError(f"token mask must have shape {tuple(x.shape[:-1])} (input without its last dim); got {tuple(mask.shape)}")
-            mask_T = mask.reshape(T).to(torch.bool)
-        opts = self.options_for(modality)
+            return x_TD, torch.ones(T, dtype=torch.bool, device=x.device)
+        if mask.shape != x.shape[:-1]:
+            raise ConfigError(f"token mask must have shape {tuple(x.shape[:-1])} (input without its last dim); got {tuple(mask.shape)}")
+        return x_TD, mask.reshape(T).to(torch.bool)
 
+    def _dispatch(self, x_TD, mask_T, S, opts, capacity_factor, per_group):
+        """Route the tokens x_TD in groups of S, run the experts, combine: (out_TD, _Routed)."""
+        E, D = self.num_experts, self.dim
         logits_TE = self.router_logits(x_TD)
         if not torch.isfinite(logits_TE).all():
             raise FloatingPointError(
@@ -385,15 +479,6 @@ class SparseMoE(nn.Module):
         clean_gates_TE = logits_TE.softmax(-1)
         gates_TE = noisy_logits_TE.softmax(-1) if noisy else clean_gates_TE
 
-        capacity_factor, per_group = opts.capacity_factor, False
-        S = max(min(self.group_size or T, T), 1)
-        if not self.training:
-            if opts.eval_capacity_factor is not None:
-                capacity_factor = opts.eval_capacity_factor
-            if self.eval_routing == "dropless" and self.router_name != "expert_choice":
-                capacity_factor = None
-            elif self.eval_routing == "per_example" and x.ndim >= 3:
-                S, per_group = max(T // max(x.shape[0], 1), 1), True  # one example ([B, ...tokens, D]), one group
         gates_GSE = self._group(gates_TE, S, 0.0)
         mask_GS = self._group(mask_T, S, False)
         G = gates_GSE.shape[0]
@@ -402,6 +487,8 @@ class SparseMoE(nn.Module):
         kept_M = (slot_N >= 0).nonzero().squeeze(1)
         token_M, expert_M, weight_M = token_N[kept_M], expert_N[kept_M], weight_N[kept_M]
         slot_M, group_M = slot_N[kept_M], group_N[kept_M]
+        routed = _Routed(logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, noise_std if noisy else 0.0,
+                         token_M, expert_M, capacity, token_N, slot_N)
         M = kept_M.numel()
         counts_E = torch.bincount(expert_M, minlength=E)
         C = capacity if capacity is not None else (int(slot_M.max()) + 1 if M else 1)
@@ -425,68 +512,84 @@ class SparseMoE(nn.Module):
             order_M = torch.sort(expert_M, stable=True).indices  # ragged: rows grouped by expert
             token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
             y_MD = self.experts(x_TD.index_select(0, token_M), counts_E)
-        if self.capture is not None:  # per-token routing, for pictures (vlmoe.eval.routing)
-            self._capture(x, gates_TE, mask_T, token_N, slot_N, modality)
         out_TD = torch.zeros_like(x_TD)
-        out_TD.index_add_(0, token_M, y_MD.to(x.dtype) * weight_M.to(x.dtype).unsqueeze(-1))
+        out_TD.index_add_(0, token_M, y_MD.to(x_TD.dtype) * weight_M.to(x_TD.dtype).unsqueeze(-1))
+        return out_TD, routed
 
+    def _record(self, modality: str | None, aux: "MoEAux") -> None:
         key = modality
         if self.record_every_call and key in self.aux:
             key = f"{modality}#{sum(1 for k in self.aux if k == modality or str(k).startswith(f'{modality}#'))}"
-        self.aux[key] = self._aux(
-            logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, mask_T, S, opts, noise_std if noisy else 0.0,
-            counts_E, token_M, capacity,
-        )
-        return out_TD.reshape(x.shape)
+        self.aux[key] = aux
 
     @torch.no_grad()
-    def _capture(self, x, gates_TE, mask_T, token_N, slot_N, modality) -> None:
-        """Each token's top-1 expert (-1 for padding) and whether that choice was computed
-        (for expert choice: whether any expert took the token), shaped like x without D."""
-        T = mask_T.numel()
-        expert_T = gates_TE.argmax(-1)
+    def _top1_kept(self, r: "_Routed", T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each routed token's top-1 expert and whether that choice was computed (for expert
+        choice: whether any expert took the token)."""
+        expert_T = r.gates_TE.argmax(-1)
         if self.router_name == "expert_choice":
-            kept_T = torch.bincount(token_N[slot_N >= 0], minlength=T)[:T] > 0
+            kept_T = torch.bincount(r.token_N[r.slot_N >= 0], minlength=T)[:T] > 0
         else:
-            kept_T = (slot_N.view(-1, self.top_k)[:T, 0] >= 0)
+            kept_T = r.slot_N.view(-1, self.top_k)[:T, 0] >= 0
+        return expert_T, kept_T
+
+    @torch.no_grad()
+    def _capture_one(self, modality, shape, expert_T, kept_T, mask_T) -> None:
+        """Record one call's per-token routing (-1 for padding), shaped like x without D."""
         expert_T = torch.where(mask_T, expert_T, torch.full_like(expert_T, -1))
-        shape = tuple(x.shape[:-1])
+        shape = tuple(shape)
         self.capture.append({"modality": modality, "expert": expert_T.view(shape).cpu(),
                              "kept": (kept_T & mask_T).view(shape).cpu(), "mask": mask_T.view(shape).cpu()})
 
-    def _aux(self, logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, mask_T, S, opts, noise_std,
-             counts_E, token_M, capacity) -> MoEAux:
+    def _aux(self, r: "_Routed", mask_T, S, opts, losses=None, rows=None) -> MoEAux:
+        """The auxiliary losses (`losses`: names to compute, default all with a weight) and
+        statistics of a call, over all its tokens or only `rows` (one group of them)."""
+        T = mask_T.numel()
+        logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE = r.logits_TE, r.noisy_logits_TE, r.clean_gates_TE, r.gates_TE
+        kept_per_token = torch.bincount(r.token_M, minlength=T)[:T]
+        expert_M = r.expert_M
+        if rows is not None:
+            member_T = torch.zeros(T, dtype=torch.bool, device=mask_T.device).index_fill_(0, rows, True)
+            expert_M = expert_M[member_T[r.token_M]]
+            logits_TE, noisy_logits_TE = logits_TE.index_select(0, rows), noisy_logits_TE.index_select(0, rows)
+            clean_gates_TE, gates_TE = clean_gates_TE.index_select(0, rows), gates_TE.index_select(0, rows)
+            mask_T, kept_per_token = mask_T.index_select(0, rows), kept_per_token.index_select(0, rows)
+        counts_E = torch.bincount(expert_M, minlength=self.num_experts)
         group = lambda t, fill: self._group(t, S, fill)  # noqa: E731
         mask_GS = group(mask_T, False)
-        losses: dict[str, torch.Tensor] = {}
         weights = {
             "importance": opts.importance_weight, "load": opts.load_weight, "balance": opts.balance_weight,
             "z": opts.z_loss_weight, "local_entropy": opts.local_entropy_weight,
             "global_entropy": opts.global_entropy_weight,
         }
+        if losses is not None:
+            weights = {k: (w if k in losses else 0.0) for k, w in weights.items()}
+        out: dict[str, torch.Tensor] = {}
         if weights["importance"]:
-            losses["importance"] = L.importance_loss(group(clean_gates_TE, 0.0), mask_GS)
-        if weights["load"] and noise_std > 0 and self.router_name != "expert_choice":
-            losses["load"] = L.load_loss(group(logits_TE, 0.0), group(noisy_logits_TE, 0.0), noise_std, self.top_k, mask_GS)
+            out["importance"] = L.importance_loss(group(clean_gates_TE, 0.0), mask_GS)
+        if weights["load"] and r.noise_std > 0 and self.router_name != "expert_choice":
+            out["load"] = L.load_loss(group(logits_TE, 0.0), group(noisy_logits_TE, 0.0), r.noise_std, self.top_k, mask_GS)
         if weights["balance"]:
-            losses["balance"] = L.balance_loss(group(gates_TE, 0.0), mask_GS)
+            out["balance"] = L.balance_loss(group(gates_TE, 0.0), mask_GS)
         if weights["z"]:
-            losses["z"] = L.z_loss(group(logits_TE, 0.0), mask_GS)
+            out["z"] = L.z_loss(group(logits_TE, 0.0), mask_GS)
         if weights["local_entropy"]:
-            losses["local_entropy"] = L.local_entropy_loss(group(clean_gates_TE, 0.0), mask_GS)
+            out["local_entropy"] = L.local_entropy_loss(group(clean_gates_TE, 0.0), mask_GS)
         if weights["global_entropy"]:
-            losses["global_entropy"] = L.global_entropy_loss(group(clean_gates_TE, 0.0), mask_GS, opts.global_entropy_threshold)
-        total = sum((weights[k] * v for k, v in losses.items()), logits_TE.new_zeros(()))
+            out["global_entropy"] = L.global_entropy_loss(group(clean_gates_TE, 0.0), mask_GS, opts.global_entropy_threshold)
+        total = sum((weights[k] * v for k, v in out.items()), logits_TE.new_zeros(()))
 
         with torch.no_grad():
             n_tokens = mask_T.sum()
-            kept_per_token = torch.bincount(token_M, minlength=mask_T.numel())[: mask_T.numel()]
             n_choices = n_tokens * (self.top_k if self.router_name != "expert_choice" else 1)
             n_kept = counts_E.sum()
+            mean_gate = (clean_gates_TE * mask_T.unsqueeze(-1)).sum(0) / n_tokens.clamp_min(1)
             stats = {
                 "tokens_per_expert": counts_E.detach().float(),
                 "expert_load": counts_E.float() / n_kept.clamp_min(1),
-                "mean_gate": (clean_gates_TE * mask_T.unsqueeze(-1)).sum(0) / n_tokens.clamp_min(1),
+                "mean_gate": mean_gate,
+                # exp(H(mean gate)): how many experts the tokens' mean routing spreads over (1..E)
+                "effective_experts": torch.exp(-(mean_gate * mean_gate.clamp_min(1e-12).log()).sum()),
                 "num_tokens": n_tokens.float(),
                 # Fraction of (token, choice) pairs dropped; for expert choice: of tokens unrouted.
                 # No token: nothing was dropped (0, not 1).
@@ -494,11 +597,34 @@ class SparseMoE(nn.Module):
                 if self.router_name != "expert_choice"
                 else ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
                 "dropped_token_frac": ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
-                "capacity": torch.tensor(float(capacity if capacity is not None else -1)),
+                "capacity": torch.tensor(float(r.capacity if r.capacity is not None else -1)),
             }
             if self.ep is not None:  # share of this rank's kept rows computed by each EP rank
                 stats["rank_load"] = counts_E.view(self.ep.ep_size, -1).sum(1).float() / n_kept.clamp_min(1)
-        return MoEAux(total, losses, stats)
+        return MoEAux(total, out, stats)
+
+
+@dataclass
+class _Routed:
+    """What one routing pass leaves for the losses and statistics (T routed tokens)."""
+
+    logits_TE: torch.Tensor
+    noisy_logits_TE: torch.Tensor
+    clean_gates_TE: torch.Tensor
+    gates_TE: torch.Tensor
+    noise_std: float  # of the noise actually added (0 when none)
+    token_M: torch.Tensor  # kept assignments' tokens
+    expert_M: torch.Tensor  # and experts
+    capacity: int | None
+    token_N: torch.Tensor  # every choice's token
+    slot_N: torch.Tensor  # and buffer slot (-1: dropped)
+
+
+# Joint routing: the losses over the union of modalities and the options they share.
+_UNION_LOSSES = frozenset({"importance", "load", "balance", "z"})
+_MODALITY_LOSSES = frozenset({"local_entropy", "global_entropy"})
+_UNION_OPTIONS = ("capacity_factor", "eval_capacity_factor", "batch_priority", "importance_weight", "load_weight",
+                  "balance_weight", "z_loss_weight")
 
 
 def collect_aux(module: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

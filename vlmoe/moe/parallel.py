@@ -18,13 +18,14 @@ from .comm import (
     all_to_all,
     all_to_all_meter,
     expert_parallel_apply,
+    forget_expert_parallel,
     init_expert_parallel,
 )
 from .experts import Experts
 from .layer import SparseMoE
 
 __all__ = [
-    "ExpertParallelGroups", "init_expert_parallel", "all_to_all", "AllToAllMeter", "all_to_all_meter",
+    "ExpertParallelGroups", "init_expert_parallel", "forget_expert_parallel", "all_to_all", "AllToAllMeter", "all_to_all_meter",
     "expert_parallel_apply", "shard_experts", "unshard_experts", "sharded_expert_modules",
     "reduce_expert_gradients", "clip_grad_norm_", "gather_expert_state_dict", "gather_expert_optimizer_state",
     "slice_expert_optimizer_state",

@@ -18,7 +18,7 @@ from ..data.pipeline import SKIP_REASONS
 from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
-from ..eval.routing import modality_bars, write_routing_report
+from ..eval.routing import effective_experts, modality_bars, write_routing_report
 from ..models.factory import get_tokenizer as open_clip_tokenizer
 from .pictures import routing_picture
 from ..errors import ConfigError
@@ -179,6 +179,7 @@ class LIMoEModule(L.LightningModule):
         self._t_batch = None
         self.last_routing_picture: Path | None = None
         self.routing_counts: dict[tuple[int, str], torch.Tensor] = {}  # from the last evaluation
+        self.routing_mean_gates: dict[tuple[int, str], torch.Tensor] = {}  # likewise, each sums to 1
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -282,8 +283,9 @@ class LIMoEModule(L.LightningModule):
         for i, m in enumerate(self.model.moe_layers()):
             for modality, aux in m.aux.items():
                 key = (i, modality or "all")
-                counts = aux.stats["tokens_per_expert"].detach()
-                self._routing[key] = self._routing.get(key, 0) + counts
+                st = aux.stats  # [2, E]: kept assignments per expert, and the tokens' gate mass
+                both = torch.stack([st["tokens_per_expert"].detach(), (st["mean_gate"] * st["num_tokens"]).detach().float()])
+                self._routing[key] = self._routing.get(key, 0) + both
 
     def _eval_step(self, batch):
         self._eval_skipped += int(batch["skipped"])
@@ -351,13 +353,18 @@ class LIMoEModule(L.LightningModule):
         if not keys:
             return
         layers = self.model.moe_layers()
-        counts = torch.stack([
-            self._routing[k].float() if k in self._routing else torch.zeros(layers[k[0]].num_experts, device=self.device)
+        both = torch.stack([
+            self._routing[k].float() if k in self._routing else torch.zeros(2, layers[k[0]].num_experts, device=self.device)
             for k in keys
         ])
         if self.trainer.world_size > 1:
-            counts = self.all_gather(counts).sum(0)
+            both = self.all_gather(both).sum(0)
+        counts, gate_mass = both[:, 0], both[:, 1]
         self.routing_counts = {k: c.cpu() for k, c in zip(keys, counts)}
+        # LIMoE's measure of collapse: exp(H(p)), p the modality's mean routing distribution
+        self.routing_mean_gates = {k: (g / g.sum().clamp_min(1e-12)).cpu() for k, g in zip(keys, gate_mass)}
+        self.log_dict({f"{prefix}/effective_experts/layer{i}/{m}": effective_experts(self.routing_mean_gates[(i, m)])
+                       for i, m in keys}, sync_dist=False, rank_zero_only=True)
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "routing"  # a collective
         if self.global_rank != 0:
             return

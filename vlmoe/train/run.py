@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from ..data import ClipDataModule
+from ..eval.routing import effective_experts
 from ..models.stats import model_stats
 from .module import LIMoEModule
 
@@ -105,12 +106,17 @@ def train_and_evaluate(
 
 
 def expert_usage(module: LIMoEModule) -> dict:
-    """From the last evaluation: per modality, the smallest share of the modality's routed
-    tokens that any expert of any MoE layer received, and experts used (>= 2%) out of E."""
+    """From the last evaluation, per modality: the smallest share of the modality's routed
+    tokens that any expert of any MoE layer received, experts used (>= 2%) out of E, and per
+    MoE layer LIMoE's effective number of experts exp(H(p)) (p: the modality's mean routing
+    distribution) and the share of the modality's routed tokens that its top expert took."""
     out = {}
     for (layer, modality), counts in sorted(module.routing_counts.items()):
         share = counts.float() / counts.sum().clamp_min(1)
-        entry = out.setdefault(modality, {"min_share": 1.0, "experts_2pct": [], "num_experts": int(counts.numel())})
+        entry = out.setdefault(modality, {"min_share": 1.0, "experts_2pct": [], "num_experts": int(counts.numel()),
+                                          "effective_experts": [], "top_expert_share": []})
         entry["min_share"] = min(entry["min_share"], float(share.min()))
         entry["experts_2pct"].append(int((share >= 0.02).sum()))
+        entry["effective_experts"].append(effective_experts(module.routing_mean_gates[(layer, modality)]))
+        entry["top_expert_share"].append(float(share.max()))
     return out

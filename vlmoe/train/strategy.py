@@ -11,12 +11,27 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..moe import parallel as par
 from ..errors import ConfigError
 
 __all__ = ["ExpertParallelStrategy", "ExpertParallelMonitor"]
+
+
+class _ClosingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn / fork launcher, whose workers close their process groups together
+    once the run is over. Otherwise each worker's groups (the EP subgroups too) die at
+    interpreter exit on the worker's own schedule, and gloo can abort a rank whose peer
+    closed first: seen once in CI as SIGABRT of rank 1 after a finished two-process fit."""
+
+    def _wrapping_function(self, *args, **kwargs) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        if dist.is_available() and dist.is_initialized():  # every rank finished: none is gone yet
+            dist.barrier()
+            par.forget_expert_parallel()
+            dist.destroy_process_group()
 
 
 class ExpertParallelStrategy(DDPStrategy):
@@ -112,6 +127,11 @@ class ExpertParallelStrategy(DDPStrategy):
             ]
         self.groups, self._expert_names = None, []
         super().teardown()
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _MultiProcessingLauncher):
+            self._launcher = _ClosingLauncher(self, start_method=self._start_method)
 
     # -- gradients ------------------------------------------------------------------------
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
