@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -170,7 +171,7 @@ def main(argv=None):
                                      collapse_table(runs, a.variants)) if t.count("\n") > 1)
     (a.out / "table.md").write_text(header + table + "\n")
     summary = {"steps": a.steps, "batch_size": a.batch_size, "seeds": a.seeds, "paired": paired,
-               "command": "python scripts/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+               "command": "python scripts/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(header + table)
     return runs

@@ -57,11 +57,11 @@ def seed_context(results: list[dict], summary_path: Path = SUMMARY) -> str:
              "several points from seed to seed."]
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        for p in summary["paired"]:
-            if p["b"] == "clip-tiny" and p["a"].startswith("limoe-tiny") and p["low"] is not None:
+        for p in summary["paired"]:  # the demo's own pair: limoe-tiny as configured, against clip-tiny
+            if (p["a"], p["b"]) == ("limoe-tiny", "clip-tiny") and p["low"] is not None:
                 lines.append(
-                    f"Paired over {p['n']} seeds ({summary['steps']} steps x {summary['batch_size']}; docs/compare, "
-                    f"`{summary['command']}`): {p['a']} - clip-tiny = {p['mean']:+.1f} points, 95% interval "
+                    f"Paired over {p['n']} seeds ({summary['steps']} steps x {summary['batch_size']}, "
+                    f"docs/compare/): LIMoE - CLIP = {p['mean']:+.1f} points, 95% interval "
                     f"[{p['low']:+.1f}, {p['high']:+.1f}], LIMoE ahead on {p['wins']} of {p['n']} seeds"
                     f"{' (seed ' + str(seed) + ': ' + format(p['diffs'][p['seeds'].index(seed)], '+.1f') + ')' if seed in p['seeds'] and summary['steps'] == steps else ''}.")
         lines.append("An interval that contains 0 means the report does not show a difference at this length.")

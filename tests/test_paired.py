@@ -40,11 +40,14 @@ def test_demo_puts_its_single_seed_beside_the_paired_report(tmp_path):
                {"model": "clip-tiny", "seed": 1, "steps": 250, "zeroshot_top1": 0.63}]
     summary = {"steps": 250, "batch_size": 64, "command": "python scripts/compare.py", "paired": [
         {"a": "limoe-tiny", "b": "clip-tiny", "n": 5, "mean": 1.2, "low": -2.0, "high": 4.4, "wins": 3,
-         "seeds": [0, 1, 2, 3, 4], "diffs": [1.0, -3.0, 2.0, 4.0, 2.0]}]}
+         "seeds": [0, 1, 2, 3, 4], "diffs": [1.0, -3.0, 2.0, 4.0, 2.0]},
+        {"a": "limoe-tiny, joint", "b": "clip-tiny", "n": 5, "mean": -7.0, "low": -9.0, "high": -5.0, "wins": 0,
+         "seeds": [0, 1, 2, 3, 4], "diffs": [-7.0] * 5}]}
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
     text = demo.seed_context(results, path)
     assert "one seed (1): LIMoE - CLIP = -3.0 points" in text and "cannot say which is better" in text
     assert "Paired over 5 seeds" in text and "+1.2 points, 95% interval [-2.0, +4.4]" in text
     assert "LIMoE ahead on 3 of 5 seeds (seed 1: -3.0)" in text
+    assert "-7.0" not in text  # another variant's pair is not the demo's
     assert "Paired" not in demo.seed_context(results, tmp_path / "missing.json")

@@ -275,10 +275,11 @@ def test_unreadable_shard_is_reported_by_name(shards, tmp_path, caplog):
     assert any(str(broken) in r.getMessage() for r in caplog.records)
 
 
-def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path):
+@pytest.mark.parametrize("routing", [{}, {"routing_groups": "joint", "eval_routing": "batch"}])
+def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path, routing):
     import open_clip
 
-    dropless = {"moe": {"capacity_factor": None}}
+    dropless = {"moe": {"capacity_factor": None, **routing}}  # joint + batch: joint calls in validation
     module = LIMoEModule("limoe-tiny", model_overrides=dropless)
     dm = ClipDataModule(val_shards=shards["val"], zeroshot_shards=shards["zeroshot"], classnames=shards["classnames"],
                         templates=shards["templates"], batch_size=8, num_workers=0)
@@ -292,9 +293,12 @@ def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path):
     captions = [s["text"] for s in make_dataset(dm.urls["val"], dm.eval_transform, tok, train=False)]
     n_text = int(sum((c != 0).sum() for c in captions))
     n_image = (24 + 24) * 65  # retrieval + zero-shot images, 64 patches + class token
+    assert {m for _, m in module.routing_counts} == {"image", "text"}
     for layer in range(2):
         assert int(module.routing_counts[(layer, "text")].sum()) == n_text
         assert int(module.routing_counts[(layer, "image")].sum()) == n_image
+        for m in ("image", "text"):
+            torch.testing.assert_close(module.routing_mean_gates[(layer, m)].sum(), torch.tensor(1.0))
     assert float(trainer.callback_metrics["val/skipped_samples"]) == 0
 
 

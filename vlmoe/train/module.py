@@ -282,6 +282,8 @@ class LIMoEModule(L.LightningModule):
     def _record_routing(self):
         for i, m in enumerate(self.model.moe_layers()):
             for modality, aux in m.aux.items():
+                if str(modality).startswith("joint"):
+                    continue  # a joint call's tokens are in its per-modality records too
                 key = (i, modality or "all")
                 st = aux.stats  # [2, E]: kept assignments per expert, and the tokens' gate mass
                 both = torch.stack([st["tokens_per_expert"].detach(), (st["mean_gate"] * st["num_tokens"]).detach().float()])
