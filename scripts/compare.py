@@ -94,11 +94,11 @@ def paired_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _thresholds(overrides: dict | None) -> dict:
+def _thresholds(name: str, overrides: dict | None) -> dict:
     """exp(tau) per modality: the effective experts the global entropy loss asks for."""
     from vlmoe.models.factory import get_model_config
 
-    cfg = get_model_config("limoe-tiny")["moe"]
+    cfg = get_model_config(name)["moe"]
     moe = {**cfg, **((overrides or {}).get("moe") or {})}
     if not moe.get("global_entropy_weight"):
         return {}
@@ -119,7 +119,7 @@ def collapse_table(runs: list[dict], variants: list[str]) -> str:
         rs = [r for r in runs if r["model"] == v and r.get("expert_usage")]
         if not rs:
             continue
-        target = _thresholds(VARIANTS[v][1])
+        target = _thresholds(*VARIANTS[v])
         goal = " / ".join(f"{target[m]:.1f}" if m in target else "-" for m in ("image", "text"))
         n_layers = len(rs[0]["expert_usage"]["image"]["effective_experts"])
         for layer in range(n_layers):

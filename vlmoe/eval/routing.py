@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..moe import SparseMoE
+from ..moe.losses import entropy
 
 __all__ = ["capture_routing", "routing_summary", "effective_experts", "expert_colors", "modality_bars", "patch_maps", "token_table",
            "write_routing_report"]
@@ -63,8 +64,8 @@ def effective_experts(p: torch.Tensor) -> float:
     """exp(H(p)) of a distribution over experts: 1 when all mass is on one expert, E when
     it is uniform. With p a modality's mean routing distribution, LIMoE's measure of
     whether the modality collapsed onto few experts."""
-    p = p.double() / p.double().sum().clamp_min(1e-300)
-    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
+    p = p.double()
+    return float(torch.exp(entropy(p / p.sum().clamp_min(1e-300))))
 
 
 def routing_summary(store: dict, num_experts: list[int]) -> dict:

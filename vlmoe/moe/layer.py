@@ -589,7 +589,7 @@ class SparseMoE(nn.Module):
                 "expert_load": counts_E.float() / n_kept.clamp_min(1),
                 "mean_gate": mean_gate,
                 # exp(H(mean gate)): how many experts the tokens' mean routing spreads over (1..E)
-                "effective_experts": torch.exp(-(mean_gate * mean_gate.clamp_min(1e-12).log()).sum()),
+                "effective_experts": torch.exp(L.entropy(mean_gate)),
                 "num_tokens": n_tokens.float(),
                 # Fraction of (token, choice) pairs dropped; for expert choice: of tokens unrouted.
                 # No token: nothing was dropped (0, not 1).

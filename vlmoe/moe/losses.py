@@ -18,6 +18,7 @@ __all__ = [
     "z_loss",
     "local_entropy_loss",
     "global_entropy_loss",
+    "entropy",
     "cv_squared",
 ]
 
@@ -106,7 +107,8 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return _mean_over_groups((z_GS * w_GS).sum(1) / w_GS.sum(1).clamp_min(1.0), w_GS)
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the last axis."""
     return -(p * torch.log(p.clamp_min(1e-20))).sum(-1)
 
 
@@ -114,7 +116,7 @@ def local_entropy_loss(gates: torch.Tensor, mask: torch.Tensor | None = None) ->
     """LIMoE local entropy: mean over a modality's tokens of H(p(experts | token)).
     Minimising it makes each token's routing confident."""
     gates_GSE, w_GS = _groups(gates, mask)
-    h_GS = _entropy(gates_GSE)
+    h_GS = entropy(gates_GSE)
     return _mean_over_groups((h_GS * w_GS).sum(1) / w_GS.sum(1).clamp_min(1.0), w_GS)
 
 
@@ -125,7 +127,7 @@ def global_entropy_loss(
     Minimising it spreads the modality over experts. With `threshold` tau the loss is
     max(0, tau - H): tau = log(S) asks for a soft minimum of S experts and no more."""
     gates_GSE, w_GS = _groups(gates, mask)
-    neg_h_G = -_entropy(_masked_mean_tokens(gates_GSE, w_GS))
+    neg_h_G = -entropy(_masked_mean_tokens(gates_GSE, w_GS))
     if threshold is not None:
         neg_h_G = torch.clamp_min(threshold + neg_h_G, 0.0)
     return _mean_over_groups(neg_h_G, w_GS)
