@@ -9,6 +9,13 @@ A classification set in torchvision ImageFolder layout (one folder per class):
     python scripts/make_shards.py classes --images imagenet/val --out shards/val-%06d.tar
     (writes `cls` labels and `classnames.txt` beside the shards, labels in sorted folder order)
 
+A labelled set in CLIP_benchmark's local webdataset layout (for vlmoe-benchmark / clip_benchmark
+`--dataset wds/NAME --dataset_root OUT`), from `cls`-labelled shards or an ImageFolder:
+    python scripts/make_shards.py benchmark --shards 'data/digits/test-000000.tar' \
+        --classnames data/digits/classnames.txt --templates data/digits/templates.txt --out data/digits/wds
+    (writes OUT/test/0.tar ..., OUT/test/nshards.txt, OUT/classnames.txt and
+    OUT/zeroshot_classification_templates.txt with `{c}` where the class name goes)
+
 Every row is checked while writing: a missing or non-image file, an image path outside
 --images, a row without a caption, a caption that is not text and a broken JSONL line are
 reported (file:line) and skipped. Shards are written under a temporary name and renamed when
@@ -177,6 +184,108 @@ def write_classes(images: Path, out: str, max_count: int) -> int:
     return w.total
 
 
+def read_labelled(urls: list[str], num_classes: int, report: Report):
+    """(key, image bytes, extension, label) of each sample of `cls`-labelled shards, in order.
+    Samples without an image or a valid label are reported and left out."""
+    import tarfile
+
+    for url in urls:
+        if not Path(url).is_file():
+            raise NotFound(f"shard not found: {url}")
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(url, "r:*") as tar:
+                for m in tar:
+                    folder, _, base = m.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")  # webdataset: the key ends at the name's first dot
+                    if not m.isfile() or not dot:
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise DataError(f"{url} is not a readable tar shard ({e})") from None
+        for key, files in samples.items():
+            where = f"{url}:{key}"
+            ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in files), None)
+            if ext is None:
+                report.skip(where, f"no png/jpg/jpeg/webp image (has {sorted(files)})")
+                continue
+            try:
+                label = int(files["cls"].decode().strip())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                report.skip(where, "no integer `cls` label")
+                continue
+            if not 0 <= label < num_classes:
+                report.skip(where, f"label {label} outside [0, {num_classes}) for the {num_classes} class names")
+                continue
+            yield key, files[ext], ext, label
+
+
+def write_benchmark(out: Path, split: str, classnames: list[str], templates: list[str], samples, max_count: int,
+                    report: Report, gzip: bool) -> int:
+    """CLIP_benchmark's wds layout: OUT/SPLIT/{0..n-1}.tar + nshards.txt, OUT/classnames.txt,
+    OUT/zeroshot_classification_templates.txt."""
+    with ShardWriter(str(out / split / "%d.tar"), max_count, compress=gzip) as w:
+        for key, data, ext, label in samples:
+            w.write(f"s{w.total:09d}", data, label=label, image_ext=ext, meta={"source": key})
+    if w.total == 0:
+        raise DataError(f"no usable labelled images: all {report.skipped} samples were skipped (see above)")
+    (out / split / "nshards.txt").write_text(f"{len(w.paths)}\n")
+    (out / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    (out / "zeroshot_classification_templates.txt").write_text("\n".join(t.replace("{}", "{c}") for t in templates) + "\n")
+    print(f"wrote {w.total} samples of {len(classnames)} classes to {out}/{split}/0..{len(w.paths) - 1}.tar with nshards.txt, "
+          f"classnames.txt and zeroshot_classification_templates.txt; skipped {report.skipped}", file=sys.stderr)
+    return w.total
+
+
+def benchmark(a) -> int:
+    from vlmoe.data import expand_shards
+    from vlmoe.data.text import load_classnames, load_templates
+
+    report = Report()
+    templates = load_templates(a.templates)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        if not a.overwrite:
+            raise DataError(f"the output folder {out} is not empty: use an empty folder, or --overwrite to replace this "
+                            f"command's files there")
+        owned = [out / "classnames.txt", out / "zeroshot_classification_templates.txt", out / a.split / "nshards.txt"]
+        owned += list((out / a.split).glob("*.tar")) if (out / a.split).is_dir() else []
+        for p in owned:
+            if p.is_file() and (p.suffix != ".tar" or p.stem.isdigit()):
+                p.unlink()
+    if (a.shards is None) == (a.images is None):
+        raise DataError("benchmark needs exactly one source: --shards (cls-labelled shards, with --classnames) or --images (an ImageFolder)")
+    if a.shards is not None:
+        if a.classnames is None:
+            raise DataError("--shards needs --classnames (a file, one name per label in label order, or a built-in set)")
+        classnames = load_classnames(a.classnames)
+        samples = read_labelled(expand_shards(a.shards, "--shards"), len(classnames), report)
+    else:
+        if not a.images.is_dir():
+            raise NotFound(f"--images {a.images}: no such folder")
+        folders = sorted(d.name for d in a.images.iterdir() if d.is_dir())
+        if not folders:
+            raise DataError(f"{a.images} has no class folders (ImageFolder layout: {a.images}/<class>/<image>)")
+        classnames = load_classnames(a.classnames) if a.classnames else [c.replace("_", " ") for c in folders]
+        from vlmoe.cli import folder_labels
+
+        labels = folder_labels(folders, classnames, str(a.images))
+
+        def from_folders():
+            for folder, label in zip(folders, labels):
+                for p in sorted(q for q in (a.images / folder).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
+                    try:
+                        data, ext = load_image(p)
+                    except ValueError as e:
+                        report.skip(str(p), str(e))
+                        continue
+                    yield f"{folder}/{p.name}", data, ext, label
+
+        samples = from_folders()
+    return write_benchmark(out, a.split, classnames, templates, samples, a.max_count, report, a.gzip)
+
+
 def prepare_output(out: str, kind: str, overwrite: bool) -> None:
     """Refuse an output folder that holds files, unless --overwrite: then remove what this
     command writes there (shards matching the pattern, their partial files, classnames.txt)."""
@@ -213,13 +322,23 @@ def main(argv=None):
     c.add_argument("--encoding", default="utf-8", help="text encoding of the captions file (default utf-8, BOM allowed)")
     k = sub.add_parser("classes", help="ImageFolder classification set")
     k.add_argument("--images", type=Path, required=True)
-    for s in (c, k):
-        s.add_argument("--out", required=True, help="shard pattern with a %%d field, e.g. out/train-%%06d.tar")
+    b = sub.add_parser("benchmark", help="a labelled set in CLIP_benchmark's wds layout")
+    b.add_argument("--shards", help="cls-labelled shards (brace patterns allowed)")
+    b.add_argument("--images", type=Path, help="or an ImageFolder (one folder per class)")
+    b.add_argument("--classnames", help="class names in label order (file or built-in set); an ImageFolder's default: its folder names")
+    b.add_argument("--templates", required=True, help="prompt templates (file with {} or {c}, or a built-in set)")
+    b.add_argument("--split", default="test", help="split folder name (CLIP_benchmark's --split)")
+    b.add_argument("--gzip", action="store_true", help="gzip-compress the shards (webdataset and CLIP_benchmark read them)")
+    for s in (c, k, b):
+        s.add_argument("--out", required=True, help="shard pattern with a %%d field, e.g. out/train-%%06d.tar" if s is not b
+                       else "output folder (CLIP_benchmark's --dataset_root)")
         s.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
-        s.add_argument("--overwrite", action="store_true", help="replace this command's earlier shards in --out's folder")
+        s.add_argument("--overwrite", action="store_true", help="replace this command's earlier files in the output folder")
     a = p.parse_args(argv)
     if a.max_count < 1:
         raise DataError(f"--max-count must be >= 1; got {a.max_count}")
+    if a.kind == "benchmark":
+        return benchmark(a)
     prepare_output(a.out, a.kind, a.overwrite)
     if a.kind == "captions":
         return write_captions(a.images, a.captions, a.out, a.max_count, a.encoding)

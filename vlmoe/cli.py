@@ -68,6 +68,17 @@ def zeroshot_console() -> None:
     sys.exit(run_console(zeroshot_main, "vlmoe-zeroshot"))
 
 
+def benchmark_console() -> None:
+    """`vlmoe-benchmark eval|build ...`: CLIP_benchmark's CLI with --model_type vlmoe."""
+
+    def main(argv):
+        from .eval.benchmark import main as benchmark_main
+
+        benchmark_main(argv)
+
+    sys.exit(run_console(main, "vlmoe-benchmark"))
+
+
 def cli_main(args: list[str] | None = None, run: bool = True):
     """Entry point of the `vlmoe` console script; `args` lets tests call it in-process."""
     from .data import ClipDataModule

@@ -2,6 +2,7 @@
 sample counting and writing shards in img2dataset's layout."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -67,10 +68,11 @@ class ShardWriter:
     written under a hidden `.NAME.partial` name and renamed when complete, and a writer
     left by an exception removes its partial shard: no reader ever sees half a shard."""
 
-    def __init__(self, pattern: str, max_count: int = 10_000):
+    def __init__(self, pattern: str, max_count: int = 10_000, compress: bool = False):
         if "%" not in pattern:
             raise DataError(f"shard pattern needs a %d-style field for the shard number, e.g. out/train-%06d.tar; got {pattern!r}")
-        self.pattern, self.max_count = pattern, max_count
+        self.pattern, self.max_count, self.compress = pattern, max_count, compress  # compress: gzip (webdataset detects it)
+        self._gz = None
         self.shard, self.count, self.total = 0, 0, 0
         self.tar: tarfile.TarFile | None = None
         self.paths: list[str] = []
@@ -81,7 +83,11 @@ class ShardWriter:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._partial = str(Path(path).with_name(f".{Path(path).name}.partial"))
         self._final = path
-        self.tar = tarfile.open(self._partial, "w")
+        if self.compress:
+            self._gz = gzip.GzipFile(self._partial, "wb", mtime=0)  # reproducible bytes
+            self.tar = tarfile.open(fileobj=self._gz, mode="w")
+        else:
+            self.tar = tarfile.open(self._partial, "w")
         self.paths.append(path)
         self.shard += 1
         self.count = 0
@@ -105,17 +111,22 @@ class ShardWriter:
         self.count += 1
         self.total += 1
 
+    def _close_files(self):
+        self.tar.close()
+        self.tar = None
+        if self._gz is not None:
+            self._gz.close()
+            self._gz = None
+
     def close(self):
         if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+            self._close_files()
             os.replace(self._partial, self._final)
 
     def abort(self):
         """Drop the shard being written (the complete ones stay)."""
         if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+            self._close_files()
             Path(self._partial).unlink(missing_ok=True)
             self.paths.pop()
 

@@ -42,9 +42,10 @@ def load_classnames(spec: str | list[str]) -> list[str]:
 
 
 def load_templates(spec: str | list[str]) -> list[str]:
-    """A templates file (one per line, `{}` where the class name goes) or a built-in set."""
-    templates = _load_list(spec, BUILTIN_TEMPLATES, "templates")
+    """A templates file (one per line, `{}` or CLIP_benchmark's `{c}` where the class name
+    goes) or a built-in set; returned with `{}`."""
+    templates = [t.replace("{c}", "{}") for t in _load_list(spec, BUILTIN_TEMPLATES, "templates")]
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise DataError(f"templates need '{{}}' where the class name goes; these have none: {bad[:5]}")
+        raise DataError(f"templates need '{{}}' (or '{{c}}') where the class name goes; these have none: {bad[:5]}")
     return templates

@@ -51,8 +51,17 @@ class RoutingMeter:
 
     def __init__(self, model, modality: str | None = None):
         self.layers, self.modality = _layers(model), modality
+        # a layer's name per modality: a layer shared by the towers is named in each tower
+        self.names: dict[tuple[int, str | None], str] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            if isinstance(m, SparseMoE):
+                modality = "image" if name.startswith("visual.") else "text" if name.startswith("transformer.") else None
+                self.names.setdefault((id(m), modality), name)
+                self.names.setdefault((id(m), None), name)
         self.choices = self.kept = 0
         self.expert_flops = 0
+        # per (layer name, modality): [tokens, choices, kept, tokens per expert, summed gates]
+        self.per_layer: dict[tuple[str, str | None], list] = {}
 
     def _hook(self, layer, inputs, output):
         modality, _ = current_routing_context()
@@ -61,9 +70,42 @@ class RoutingMeter:
         st = next(reversed(layer.aux.values())).stats  # the record this call just wrote
         kept = int(st["tokens_per_expert"].sum())
         n = int(st["num_tokens"])
-        self.choices += n * (layer.top_k if layer.router_name != "expert_choice" else 1)
-        self.kept += kept if layer.router_name != "expert_choice" else int(round(n * (1 - float(st["dropped_token_frac"]))))
-        self.expert_flops += kept * expert_flops_per_row(layer)
+        choices = n * (layer.top_k if layer.router_name != "expert_choice" else 1)
+        if layer.router_name == "expert_choice":
+            kept = int(round(n * (1 - float(st["dropped_token_frac"]))))
+        self.choices += choices
+        self.kept += kept
+        self.expert_flops += int(st["tokens_per_expert"].sum()) * expert_flops_per_row(layer)
+        name = self.names.get((id(layer), modality), self.names[(id(layer), None)])
+        acc = self.per_layer.setdefault((name, modality), [0, 0, 0, 0.0, 0.0])
+        acc[0] += n
+        acc[1] += choices
+        acc[2] += kept
+        acc[3] = acc[3] + st["tokens_per_expert"].detach().float().cpu()
+        acc[4] = acc[4] + st["mean_gate"].detach().float().cpu() * n
+
+    def layer_summary(self) -> list[dict]:
+        """Per MoE layer and modality: tokens routed, each expert's share of the kept
+        assignments, the top expert's share, LIMoE's effective experts exp(H(mean gate))
+        and the dropped fraction."""
+        from ..moe.losses import entropy
+
+        rows = []
+        for (name, modality), (n, choices, kept, counts, gates) in sorted(self.per_layer.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
+            share = counts / counts.sum().clamp_min(1)
+            mean_gate = gates / max(n, 1)
+            rows.append({"layer": name, "modality": modality, "tokens": n, "expert_share": [round(float(x), 6) for x in share],
+                         "top_expert_share": float(share.max()), "effective_experts": float(torch.exp(entropy(mean_gate))),
+                         "dropped_frac": 1.0 - kept / choices if choices else 0.0})
+        return rows
+
+    def modality_dropped(self) -> dict[str, float]:
+        """Fraction of routed choices dropped, per modality, over every layer."""
+        out: dict[str, list[int]] = {}
+        for (_, modality), (_, choices, kept, _, _) in self.per_layer.items():
+            acc = out.setdefault(str(modality), [0, 0])
+            acc[0], acc[1] = acc[0] + choices, acc[1] + kept
+        return {m: 1.0 - k / c if c else 0.0 for m, (c, k) in out.items()}
 
     def __enter__(self):
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]

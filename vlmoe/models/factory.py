@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import find_export, read_checkpoint, load_state_dict_strict, read_state_dict
+from .hub import download_export, is_hub_id
 from .model import VLMoEModel
 from ..errors import ConfigError, CheckpointError, NotFound
 
@@ -105,7 +106,15 @@ def create_model(name_or_config: str | dict | Path, pretrained: str | Path | Non
 
     pretrained: a vlmoe export (folder or .safetensors), a Lightning .ckpt from `vlmoe fit`,
     or a .pt/.bin/.safetensors state dict of the same architecture. Loading is strict unless
-    strict=False (then what was skipped is in `model.load_report`)."""
+    strict=False (then what was skipped is in `model.load_report`).
+
+    A vlmoe export on the Hugging Face Hub is `hf-hub:ORG/NAME` or `hf-hub:ORG/NAME@REVISION`
+    (as name_or_config or as pretrained), read through huggingface_hub's cache (HF_HUB_CACHE,
+    HF_HUB_OFFLINE apply)."""
+    if is_hub_id(name_or_config):
+        name_or_config = download_export(name_or_config)
+    if is_hub_id(pretrained):
+        pretrained = download_export(pretrained)
     config = resolve_config(name_or_config, **overrides)
     if pretrained is None and not isinstance(name_or_config, dict) and str(name_or_config) not in _configs():
         pretrained = name_or_config  # an export folder (resolve_config found its config.json)
@@ -126,8 +135,10 @@ def load_model(spec: str | Path, strict: bool = True) -> VLMoEModel:
     """Any model a user may point at: a vlmoe export (folder or .safetensors with config.json),
     a Lightning .ckpt written by `vlmoe fit`, an open_clip checkpoint as `ARCH@PATH` (e.g.
     `ViT-B-32@open_clip_model.safetensors`, ARCH an open_clip or vlmoe dense config name),
-    or a model name (randomly initialised)."""
+    a Hub export `hf-hub:ORG/NAME[@REV]`, or a model name (randomly initialised)."""
     spec = str(spec)
+    if is_hub_id(spec):
+        return create_model(spec, strict=strict)
     if "@" in spec and not Path(spec).exists():
         arch, _, path = spec.partition("@")
         config = dense_config(arch)

@@ -7,6 +7,7 @@ model computes exactly what the dense one did, whatever the router says.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from ..moe import SparseMoE
 from .checkpoint import load_state_dict_strict, read_state_dict
 from .factory import build_model, dense_config
 from .model import install_moe, resolve_layers, tower_blocks
-from ..errors import ConfigError, CheckpointError
+from ..errors import ConfigError, CheckpointError, NotFound
 
-__all__ = ["upcycle_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp", "split_neurons", "neuron_importance"]
+__all__ = ["upcycle_open_clip", "load_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp", "split_neurons", "neuron_importance"]
 
 
 def _dense_mlp_tensors(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -147,6 +148,77 @@ def infer_open_clip_config(model: CLIP) -> dict:
     return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg, "quick_gelu": quick}
 
 
+def _download_failure(name: str, pretrained: str | None, cache_dir: str | None, error: Exception) -> NotFound:
+    """One line for weights open_clip could not fetch, naming the cache folder it looked in."""
+    import open_clip
+
+    from .hub import hub_cache_dir
+
+    if name.startswith("hf-hub:"):
+        repo, folder = name[len("hf-hub:"):], hub_cache_dir(cache_dir)
+    else:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        hub = cfg.get("hf_hub", "")
+        repo = "/".join(hub.split("/")[:2]) if hub else cfg.get("url", "?")
+        folder = hub_cache_dir(cache_dir) if hub else (cache_dir or str(Path("~/.cache/clip").expanduser()))
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        inner = error
+        while inner.__cause__ is not None or inner.__context__ is not None:
+            inner = inner.__cause__ or inner.__context__
+        why = f"the download failed ({type(inner).__name__})"
+    return NotFound(
+        f"cannot get the open_clip weights {name}{f' ({pretrained})' if pretrained else ''}: they are not in the cache folder "
+        f"{folder} and {why}. Fetch them where there is network (from {repo}) into that folder (cache_dir= or "
+        f"HF_HUB_CACHE choose it), or pass a local weights file as pretrained="
+    )
+
+
+def load_open_clip(name: str, pretrained: str | None = None, cache_dir: str | None = None) -> CLIP:
+    """An open_clip CLIP with its weights, by open_clip model name + pretrained tag (or weights
+    file) or open_clip Hub id, downloaded by open_clip (its cache and offline rules)."""
+    import open_clip
+
+    if name.startswith("hf-hub:"):
+        if "@" in name:
+            raise ConfigError(f"{name!r}: open_clip loads Hub models at their default branch only; drop the @revision")
+        if pretrained is not None:
+            raise ConfigError(f"{name!r} names its weights itself; drop pretrained={pretrained!r}")
+    else:
+        cfg = open_clip.get_model_config(name)
+        if cfg is None:
+            raise ConfigError(f"{name!r} is neither a file nor an open_clip model name (open_clip.list_models() lists them)")
+        v = cfg.get("vision_cfg", {})
+        if "timm_model_name" in v or isinstance(v.get("layers"), (list, tuple)) or cfg.get("custom_text") or "hf_model_name" in cfg.get("text_cfg", {}):
+            raise ConfigError(f"open_clip model {name!r} is not a CLIP with a ViT image tower and a transformer text tower: "
+                              f"only those are upcycled")
+        if pretrained is None:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ConfigError(
+                f"upcycling {name!r} needs its weights: pass pretrained= a tag ({', '.join(tags) or 'open_clip has none for it'}) "
+                f"or a weights file"
+            )
+        if not open_clip.is_pretrained_cfg(name, pretrained) and not Path(pretrained).is_file():
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ConfigError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {name!r}; its tags: "
+                              f"{', '.join(tags) or 'none'}")
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith("Failed to download")  # said once, below
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, device="cpu", require_pretrained=True)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        text = str(e)
+        if isinstance(e, OSError) or any(w in text.lower() for w in ("download", "could not be loaded", "cannot find the requested")):
+            raise _download_failure(name, pretrained, cache_dir, e) from None
+        raise
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
 def upcycle_open_clip(
     clip_model_or_checkpoint_path: CLIP | str | Path,
     num_experts: int = 8,
@@ -160,13 +232,21 @@ def upcycle_open_clip(
     method: str = "copy",
     importance_batches: list | None = None,
     num_shared_neurons: int | float = 0,
+    pretrained: str | None = None,
+    cache_dir: str | None = None,
     **moe_kwargs: Any,
 ):
-    """An open_clip CLIP (model or checkpoint) -> a LIMoE VLMoEModel by sparse upcycling.
+    """An open_clip CLIP (by name and pretrained tag, from the Hub, a model or a checkpoint)
+    -> a LIMoE VLMoEModel by sparse upcycling.
 
     Args:
-        clip_model_or_checkpoint_path: an open_clip `CLIP`, or a .pt/.bin/.safetensors file
-            (a `state_dict` key and a `module.` prefix are handled).
+        clip_model_or_checkpoint_path: an open_clip model name with `pretrained=` (a tag such
+            as "datacomp_xl_s13b_b90k", or a weights file), an open_clip Hub id
+            ("hf-hub:ORG/NAME"), an open_clip `CLIP`, or a .pt/.bin/.safetensors file (with
+            `model_config=`; a `state_dict` key and a `module.` prefix are handled).
+        pretrained, cache_dir: for a model name, the weights, downloaded by open_clip into its
+            cache (`cache_dir`, else huggingface_hub's cache or ~/.cache/clip), so its offline
+            rules (HF_HUB_OFFLINE) apply.
         num_experts, top_k, capacity_factor, normalize_combine_weights: MoE settings; the
             defaults (dropless, renormalised) reproduce the dense model exactly.
         moe_layers, text_moe_layers: placement for the image and text towers ("every:2",
@@ -186,6 +266,11 @@ def upcycle_open_clip(
     """
     if method not in ("copy", "split"):
         raise ConfigError(f"method must be 'copy' or 'split'; got {method!r}")
+    if isinstance(clip_model_or_checkpoint_path, str) and not Path(clip_model_or_checkpoint_path).exists():
+        # the config is then inferred from the loaded modules (what open_clip actually built)
+        clip_model_or_checkpoint_path = load_open_clip(clip_model_or_checkpoint_path, pretrained, cache_dir)
+    elif pretrained is not None:
+        raise ConfigError(f"pretrained= goes with an open_clip model name; {clip_model_or_checkpoint_path!r} is already the weights")
     if isinstance(clip_model_or_checkpoint_path, nn.Module):
         src = clip_model_or_checkpoint_path
         config = dense_config(model_config) if model_config is not None else infer_open_clip_config(src)
