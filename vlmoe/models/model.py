@@ -67,6 +67,14 @@ class MoEConfig:
     expert_type: str = "mlp"  # mlp (the block's activation) | swiglu
     expert_hidden_dim: int | dict | None = None  # None: the dense MLP's width; {"image": h, "text": h} per tower
     share_across_depth: bool = False  # WideNet: one MoE layer for all MoE depths of a tower
+    # "loss": the router's auxiliary balance losses; "bias": auxiliary-loss-free balancing
+    # (DeepSeek-V3): a per-expert selection bias moved by bias_update_rate once per optimizer step
+    balance: str = "loss"
+    bias_update_rate: float = 1e-3
+    num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE, Qwen2-MoE)
+    shared_expert_gate: bool = False  # a sigmoid gate per token on the shared output (Qwen2-MoE)
+    # fine-grained experts: m x the experts, m x top_k, each 1/m as wide (the same active FLOPs)
+    granularity: int = 1
 
     @classmethod
     def from_dict(cls, d: dict | "MoEConfig" | None) -> "MoEConfig | None":
@@ -84,8 +92,12 @@ class MoEConfig:
             "noise_scale", "group_size",
             "normalize_combine_weights", "importance_weight", "load_weight", "balance_weight", "z_loss_weight",
             "local_entropy_weight", "global_entropy_weight", "global_entropy_threshold", "implementation",
-            "gate", "expert_type",
+            "gate", "expert_type", "balance", "bias_update_rate", "num_shared_experts", "shared_expert_gate",
         )}
+        m = self.granularity
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"moe.granularity must be an integer >= 1; got {m!r}")
+        kw["num_experts"], kw["top_k"] = self.num_experts * m, self.top_k * m
         overrides = {m: dict(o) for m, o in (("image", self.image), ("text", self.text)) if o}
         kw["modality_overrides"] = overrides or None
         return kw
@@ -263,7 +275,11 @@ class VLMoEModel(CLIP):
                 h = cfg.expert_hidden_dim.get(tower) if isinstance(cfg.expert_hidden_dim, dict) else cfg.expert_hidden_dim
 
                 def make(dim, hidden, act):
-                    m = SparseMoE(dim, h or hidden, act_layer=act, **kw)
+                    width, g = h or hidden, cfg.granularity
+                    if width % g:
+                        raise ConfigError(f"moe.granularity={g} must divide the expert width {width} of the {tower} tower "
+                                          f"(each of the {g}x experts is 1/{g} as wide); choose a divisor of {width}")
+                    m = SparseMoE(dim, width // g, act_layer=act, **kw)
                     if cfg.router_init_std is not None:
                         nn.init.normal_(m.router.weight, std=cfg.router_init_std)
                     return m

@@ -47,6 +47,12 @@ def routing_context(modality: str | None = None, mask: torch.Tensor | None = Non
         _CONTEXT.reset(token)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes
+    forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def current_routing_context() -> tuple[str | None, torch.Tensor | None]:
     """(modality, mask) set by the innermost `routing_context`."""
     return _CONTEXT.get()
@@ -129,6 +135,14 @@ class SparseMoE(nn.Module):
             grouping, V-MoE's evaluation: batch-dependent) or "dropless" (no capacity).
             Training forwards are unaffected.
         eval_capacity_factor: capacity factor of eval-mode forwards (default: capacity_factor).
+        balance: "loss" (the router's auxiliary balance losses) or "bias" (auxiliary-loss-free
+            balancing, DeepSeek-V3: a per-expert bias, a buffer, is added to the gates to choose
+            experts only, never to the combine weights, and `update_bias()` moves it by
+            `bias_update_rate` against the sign of each expert's load error, once per optimizer
+            step; the importance / load / balance losses then default to weight 0).
+        num_shared_experts: always-on experts (DeepSeekMoE, Qwen2-MoE) of the routed experts'
+            width, one dense MLP of num_shared_experts x hidden_dim beside the routed output.
+        shared_expert_gate: scale the shared output by sigmoid(x . w) per token (Qwen2-MoE).
     """
 
     def __init__(
@@ -159,6 +173,10 @@ class SparseMoE(nn.Module):
         modality_overrides: dict[str, dict[str, Any]] | None = None,
         eval_routing: Literal["per_example", "batch", "dropless"] = "per_example",
         eval_capacity_factor: float | None = None,
+        balance: Literal["loss", "bias"] = "loss",
+        bias_update_rate: float = 1e-3,
+        num_shared_experts: int = 0,
+        shared_expert_gate: bool = False,
     ):
         super().__init__()
         _check_int("dim", dim, 1)
@@ -178,6 +196,16 @@ class SparseMoE(nn.Module):
             raise ConfigError(f"unknown gate {gate!r}; choose one of {GATES}")
         if gate == "topk_softmax" and router == "expert_choice":
             raise ConfigError("gate='topk_softmax' selects experts per token; expert choice selects tokens per expert")
+        if balance not in ("loss", "bias"):
+            raise ConfigError(f"unknown balance {balance!r}; choose 'loss' (auxiliary losses) or 'bias' (auxiliary-loss-free)")
+        if balance == "bias" and router == "expert_choice":
+            raise ConfigError("balance='bias' biases which experts each token picks; expert choice picks tokens per expert "
+                              "(balanced by construction): use balance='loss' with router='expert_choice'")
+        if isinstance(bias_update_rate, bool) or not isinstance(bias_update_rate, (int, float)) or not bias_update_rate > 0:
+            raise ConfigError(f"bias_update_rate must be a number > 0; got {bias_update_rate!r}")
+        _check_int("num_shared_experts", num_shared_experts, 0)
+        if shared_expert_gate and not num_shared_experts:
+            raise ConfigError("shared_expert_gate=True needs num_shared_experts >= 1 (there is no shared expert to gate)")
         default_k = {"switch": 1, "gshard": 2}.get(router, 1)
         top_k = default_k if top_k is None else top_k
         if router in ("switch", "gshard") and top_k != default_k:
@@ -195,6 +223,8 @@ class SparseMoE(nn.Module):
         self.eval_routing = "per_example"
 
         weights = dict(_DEFAULT_WEIGHTS[router])
+        if balance == "bias":  # the bias balances; no loss gradient pulls against the objective
+            weights = {k: 0.0 for k in weights}
         given = dict(
             importance_weight=importance_weight, load_weight=load_weight, balance_weight=balance_weight,
             z_loss_weight=z_loss_weight, local_entropy_weight=local_entropy_weight,
@@ -223,6 +253,15 @@ class SparseMoE(nn.Module):
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias,
                                implementation=implementation, expert_type=expert_type)
+        self.balance, self.bias_update_rate = balance, float(bias_update_rate)
+        if balance == "bias":
+            # Saved in checkpoints, never trained (a buffer): moved by update_bias().
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+            self.register_buffer("_bias_load", torch.zeros(num_experts), persistent=False)
+        self.num_shared_experts = num_shared_experts
+        self.shared_experts = (Experts(1, dim, num_shared_experts * self.hidden_dim, act_layer=act_layer, bias=bias,
+                                       implementation="loop", expert_type=expert_type) if num_shared_experts else None)
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
         self.aux: dict[str | None, MoEAux] = {}
         # A layer shared across depths (WideNet) runs several times per forward and per
         # modality: then each call keeps its record ("text", "text#1", ...) until the owner
@@ -236,6 +275,37 @@ class SparseMoE(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.router.weight, std=1.0 / math.sqrt(self.dim))
         self.experts.init_weights()
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights()
+        if self.shared_gate is not None:
+            nn.init.zeros_(self.shared_gate.weight)  # the gate starts at sigmoid(0) = 1/2
+
+    # -- shared experts and auxiliary-loss-free balancing ----------------------------------
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The always-on experts' output (0 without them), gated per token if asked."""
+        if self.shared_experts is None:
+            return x_TD.new_zeros(())
+        y_TD = self.shared_experts.forward_buffers(x_TD.unsqueeze(0)).squeeze(0).to(x_TD.dtype)
+        if self.shared_gate is not None:
+            y_TD = y_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return y_TD
+
+    @torch.no_grad()
+    def update_bias(self, group=None) -> torch.Tensor | None:
+        """Auxiliary-loss-free balancing step (call once per optimizer step): the expert loads
+        the training forwards chose since the last call, summed over the ranks of `group`
+        (default: every process) so the bias stays the same on every rank, move each expert's
+        bias by bias_update_rate * sign(mean load - load). Returns the loads (None when the
+        layer does not balance by bias)."""
+        if self.balance != "bias":
+            return None
+        load_E = self._bias_load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(load_E, group=group)
+        self._bias_load.zero_()
+        if load_E.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        return load_E
 
     def extra_repr(self) -> str:
         o = self.options
@@ -243,6 +313,9 @@ class SparseMoE(nn.Module):
             f"router={self.router_name}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}, "
             f"eval_routing={self.eval_routing}"
+            + (f", balance=bias, bias_update_rate={self.bias_update_rate}" if self.balance == "bias" else "")
+            + (f", num_shared_experts={self.num_shared_experts}, shared_expert_gate={self.shared_gate is not None}"
+               if self.num_shared_experts else "")
         )
 
     def configure_eval(self, eval_routing: str | None = None, eval_capacity_factor: float | None = None,
@@ -334,10 +407,14 @@ class SparseMoE(nn.Module):
 
         keep_GSK = None
         scale_GS1 = None
+        bias_E = self.expert_bias if self.balance == "bias" else None
         if self.router_name == "gshard" or self.gate == "topk_softmax":
             # Weights normalised over the selected top-k before any is dropped: GShard's
             # g_k / (g1 + g2), and Mixtral's softmax over the top-k logits (the same thing).
-            top_GSK, _ = top_k_gates(gates_GSE, K)
+            if bias_E is None:
+                top_GSK, _ = top_k_gates(gates_GSE, K)
+            else:  # the experts the bias selects, their unbiased gates
+                top_GSK = gates_GSE.gather(-1, top_k_gates(gates_GSE + bias_E, K)[1])
             denom_GS1 = top_GSK.sum(-1, keepdim=True)
             scale_GS1 = 1.0 / denom_GS1
         if self.router_name == "gshard" and self.training:
@@ -347,7 +424,7 @@ class SparseMoE(nn.Module):
             keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
         r = route(
             gates_GSE, K, route_capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
-            renormalize=self.normalize_combine_weights,
+            renormalize=self.normalize_combine_weights, selection_bias=bias_E,
         )
         weight_GSK = r.combine_weight
         if scale_GS1 is not None and not self.normalize_combine_weights:
@@ -369,6 +446,7 @@ class SparseMoE(nn.Module):
         if not self.training and self.eval_routing == "per_example" and x.ndim >= 3:
             S, per_group = max(T // max(x.shape[0], 1), 1), True  # one example ([B, ...tokens, D]), one group
         out_TD, r = self._dispatch(x_TD, mask_T, S, opts, self._capacity_factor(opts), per_group)
+        out_TD = out_TD + self._shared(x_TD)
         if self.capture is not None:  # per-token routing, for pictures (vlmoe.eval.routing)
             expert_T, kept_T = self._top1_kept(r, T)
             self._capture_one(modality, x.shape[:-1], expert_T, kept_T, mask_T)
@@ -423,7 +501,7 @@ class SparseMoE(nn.Module):
         for i, (m, (x, x_TD, mask_T, real_R)) in enumerate(flats.items()):
             rows = (owner_U == i).nonzero().squeeze(1)  # in routed order; real_R is in the same order
             out_TD = torch.zeros_like(x_TD).index_copy_(0, real_R, out_UD.index_select(0, rows).to(x_TD.dtype))
-            outs[m] = out_TD.reshape(x.shape)
+            outs[m] = (out_TD + self._shared(x_TD)).reshape(x.shape)
             n = rows.numel()
             self._record(m, self._aux(r, mask_U, max(n, 1), self.options_for(m), losses=_MODALITY_LOSSES, rows=rows))
             if self.capture is not None:
@@ -483,6 +561,11 @@ class SparseMoE(nn.Module):
         mask_GS = self._group(mask_T, S, False)
         G = gates_GSE.shape[0]
         token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts, capacity_factor, per_group)
+        if self.balance == "bias" and self.training and not _in_backward():
+            # the load the routing asked of each expert (choices of real tokens, dropped or
+            # not); a checkpointed forward recomputed in backward is not counted twice
+            chosen_N = mask_GS.reshape(-1).index_select(0, token_N)
+            self._bias_load += torch.bincount(expert_N[chosen_N], minlength=E).to(self._bias_load.dtype)
 
         kept_M = (slot_N >= 0).nonzero().squeeze(1)
         token_M, expert_M, weight_M = token_N[kept_M], expert_N[kept_M], weight_N[kept_M]

@@ -101,6 +101,7 @@ def route(
     mask: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     renormalize: bool = False,
+    selection_bias: torch.Tensor | None = None,
 ) -> Routing:
     """Top-k experts per token with a per-expert capacity (V-MoE's routing).
 
@@ -114,6 +115,9 @@ def route(
         keep: [S, K] or [G, S, K] bool, False for choices that are not dispatched at all
             (GShard's random second-expert routing); they take no capacity.
         renormalize: divide the kept weights of each token by their sum (sum to 1).
+        selection_bias: [E] added to the gates to choose each token's experts only
+            (auxiliary-loss-free balancing, DeepSeek-V3); the combine weights and the BPR
+            priority stay the unbiased gates of the chosen experts.
     """
     squeeze = gates.ndim == 2
     gates_GSE = _check_gates(gates)
@@ -129,7 +133,13 @@ def route(
     K = top_k
     device = gates_GSE.device
 
-    combine_GSK, expert_GSK = top_k_gates(gates_GSE, K)
+    if selection_bias is None:
+        combine_GSK, expert_GSK = top_k_gates(gates_GSE, K)
+    else:
+        if selection_bias.shape != (E,):
+            raise ConfigError(f"selection_bias must have one value per expert ({E}); got shape {tuple(selection_bias.shape)}")
+        _, expert_GSK = top_k_gates(gates_GSE + selection_bias.to(gates_GSE.dtype), K)
+        combine_GSK = gates_GSE.gather(-1, expert_GSK)
     valid_GSK = torch.ones(G, S, K, dtype=torch.bool, device=device)
     if mask is not None:
         mask_GS = mask.reshape(G, S) if mask.numel() == G * S else None

@@ -260,6 +260,18 @@ class LIMoEModule(L.LightningModule):
                     out[f"{k}/{tag}{e}"] = x.float()
         return out
 
+    def on_before_optimizer_step(self, optimizer):
+        """Auxiliary-loss-free balancing: each bias-balanced layer moves its expert bias once
+        per optimizer step, from the loads of the step's forwards summed over every rank."""
+        stats = {}
+        for i, m in enumerate(self.model.moe_layers()):
+            load = m.update_bias()
+            if load is not None and load.sum() > 0:
+                stats[f"moe/layer{i}/bias_max_abs"] = m.expert_bias.abs().max()
+                stats[f"moe/layer{i}/load_max_over_mean"] = load.max() / load.mean()
+        if stats:
+            self.log_dict(stats, batch_size=1)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
             self.model.logit_scale.clamp_(0, math.log(100))
