@@ -71,7 +71,9 @@ class RoutingMeter:
         kept = int(st["tokens_per_expert"].sum())
         n = int(st["num_tokens"])
         choices = n * (layer.top_k if layer.router_name != "expert_choice" else 1)
-        if layer.router_name == "expert_choice":
+        if layer.router_name == "soft":  # every token reaches the experts through the slots: nothing dropped
+            choices = kept = n
+        elif layer.router_name == "expert_choice":
             kept = int(round(n * (1 - float(st["dropped_token_frac"]))))
         self.choices += choices
         self.kept += kept

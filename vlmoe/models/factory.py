@@ -41,8 +41,9 @@ def dense_baseline(name: str) -> str:
     get_model_config(name)  # an unknown name is reported as unknown, with the known ones
     if name.startswith("clip-"):
         return name
-    # variants of a LIMoE config (expert count, WideNet, Mixtral routing) share its baseline
-    base = re.sub(r"(-e\d+|-widenet|-mixtral)$", "", name.replace("limoe-", "clip-", 1))
+    # variants of a LIMoE config (expert count, WideNet, Mixtral routing, Soft MoE, bias
+    # balancing, shared or fine-grained experts) share its baseline
+    base = re.sub(r"(-e\d+|-widenet|-mixtral|-soft|-auxfree|-shared|-fine)$", "", name.replace("limoe-", "clip-", 1))
     if base not in _configs():
         raise ConfigError(f"{name!r} has no dense baseline config {base!r}")
     return base

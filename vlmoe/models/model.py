@@ -17,7 +17,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
 
-from ..moe import SparseMoE, collect_aux, current_routing_context, routing_context
+from ..moe import SoftMoE, SparseMoE, collect_aux, current_routing_context, routing_context
 from ..errors import ConfigError
 
 __all__ = ["MoEConfig", "VLMoEModel", "TimmImageTower", "resolve_layers", "tower_blocks", "SHARING_MODES",
@@ -75,6 +75,8 @@ class MoEConfig:
     shared_expert_gate: bool = False  # a sigmoid gate per token on the shared output (Qwen2-MoE)
     # fine-grained experts: m x the experts, m x top_k, each 1/m as wide (the same active FLOPs)
     granularity: int = 1
+    # router="soft" (Soft MoE): slots each expert processes per sequence, or {"image": s, "text": s}
+    slots_per_expert: int | dict = 1
 
     @classmethod
     def from_dict(cls, d: dict | "MoEConfig" | None) -> "MoEConfig | None":
@@ -279,6 +281,14 @@ class VLMoEModel(CLIP):
                     if width % g:
                         raise ConfigError(f"moe.granularity={g} must divide the expert width {width} of the {tower} tower "
                                           f"(each of the {g}x experts is 1/{g} as wide); choose a divisor of {width}")
+                    if cfg.router == "soft":
+                        if cfg.balance != "loss" or cfg.top_k != 1:
+                            raise ConfigError("router='soft' (Soft MoE) has no per-token expert choice: leave top_k=1 and "
+                                              "balance='loss' (it needs no balancing)")
+                        return SoftMoE(dim, width // g, num_experts=kw["num_experts"], slots_per_expert=cfg.slots_per_expert,
+                                       act_layer=act, implementation=cfg.implementation, expert_type=cfg.expert_type,
+                                       num_shared_experts=cfg.num_shared_experts, shared_expert_gate=cfg.shared_expert_gate,
+                                       eval_routing=cfg.eval_routing)
                     m = SparseMoE(dim, width // g, act_layer=act, **kw)
                     if cfg.router_init_std is not None:
                         nn.init.normal_(m.router.weight, std=cfg.router_init_std)

@@ -13,9 +13,10 @@ from .losses import (
     z_loss,
 )
 from .routing import Routing, compute_capacity, expert_choice_route, route, top_k_gates
+from .soft import SoftMoE
 
 __all__ = [
-    "parallel", "Experts", "grouped_mm_supported", "ROUTERS", "MoEAux", "RoutingOptions", "SparseMoE",
+    "parallel", "Experts", "grouped_mm_supported", "ROUTERS", "MoEAux", "RoutingOptions", "SparseMoE", "SoftMoE",
     "collect_aux", "current_routing_context", "routing_context", "balance_loss", "cv_squared", "global_entropy_loss",
     "importance_loss", "load_loss", "local_entropy_loss", "z_loss", "Routing", "compute_capacity",
     "expert_choice_route", "route", "top_k_gates",
