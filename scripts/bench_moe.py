@@ -155,6 +155,42 @@ def bench(tokens=4096, dim=256, hidden=1024, experts=(8, 32), top_ks=(1, 2), rep
     return rows, ds_error
 
 
+def _interleaved(variants: dict, x, g, reps: int) -> dict[str, float]:
+    """Median forward+backward seconds of each variant, timed A B C A B C ..."""
+    for mod in variants.values():
+        step(mod, x, g)  # warm-up
+        mod.zero_grad(set_to_none=True)
+    times = {n: [] for n in variants}
+    for _ in range(reps):
+        for name, mod in variants.items():
+            t0 = time.perf_counter()
+            step(mod, x, g)
+            times[name].append(time.perf_counter() - t0)
+            mod.zero_grad(set_to_none=True)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def bench_designs(tokens=4096, dim=256, hidden=1024, reps=9, seq_len=8, granularity=4):
+    """The designs since V-MoE against the dense MLP of the same active FLOPs, interleaved:
+    Soft MoE with E=8 experts of one slot each on sequences of 8 tokens (8 slots per 8 tokens:
+    the dense MLP's FLOPs plus dispatch and combine), fine-grained experts (E=8*m, top-m, each
+    1/m as wide), and the coarse E=32 top-1 layer for reference."""
+    from vlmoe.moe import SoftMoE
+
+    torch.manual_seed(0)
+    m = granularity
+    variants = {
+        "dense MLP": Mlp(dim, hidden),
+        "Soft MoE, E=8, 1 slot each": SoftMoE(dim, hidden, 8, slots_per_expert=1).train(),
+        f"fine-grained m={m}: E={8 * m}, top-{m}, h/{m}": SparseMoE(dim, hidden // m, 8 * m, top_k=m, capacity_factor=1.0).train(),
+        "E=32, top-1": SparseMoE(dim, hidden, 32, top_k=1, capacity_factor=1.0).train(),
+    }
+    x = torch.randn(tokens // seq_len, seq_len, dim, requires_grad=True)  # Soft MoE mixes within each sequence
+    g = torch.randn_like(x)
+    med = _interleaved(variants, x, g, reps)
+    return [(name, t * 1e3, t / med["dense MLP"]) for name, t in med.items()]
+
+
 def memory_scaling(dim=256, hidden=1024, E=8, tokens=(1024, 2048, 4096, 8192)):
     """Activation memory kept for backward at growing token counts: SparseMoE's grows
     linearly, the one-hot einsum's quadratically (its [T, E, C] tensors, C ~ T/E)."""
@@ -197,7 +233,15 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--memory-scaling", action="store_true", help="also print activation memory at 1k-8k tokens")
+    p.add_argument("--designs", action="store_true", help="only the Soft MoE / fine-grained rows against the dense MLP")
     a = p.parse_args(argv)
+    if a.designs:
+        rows = bench_designs(a.tokens, a.dim, a.hidden, a.reps)
+        print(f"tokens={a.tokens} (sequences of 8), d={a.dim}, h={a.hidden}, float32, capacity_factor=1.0; "
+              f"{torch.get_num_threads()} threads; medians of interleaved forward+backward\n")
+        print("| layer | fwd+bwd ms | x dense MLP of the same active FLOPs |\n|---|---|---|")
+        print("\n".join(f"| {n} | {ms:.1f} | {r:.2f} |" for n, ms, r in rows))
+        return rows
     rows, ds_error = bench(a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.reps, not a.no_deepspeed)
     print(format_table(rows, a.tokens, a.dim, a.hidden))
     if a.memory_scaling:

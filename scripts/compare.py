@@ -37,7 +37,13 @@ VARIANTS = {
     "limoe-tiny, vanilla, cf 1.0": ("limoe-tiny", {"moe": {"batch_priority": False}}),
     "limoe-tiny, BPR, cf 0.5": ("limoe-tiny", {"moe": {"capacity_factor": 0.5}}),
     "limoe-tiny, vanilla, cf 0.5": ("limoe-tiny", {"moe": {"capacity_factor": 0.5, "batch_priority": False}}),
+    # the routing designs since V-MoE (issue #15), each its own config
+    "limoe-tiny-soft": ("limoe-tiny-soft", None),
+    "limoe-tiny-auxfree": ("limoe-tiny-auxfree", None),
+    "limoe-tiny-shared": ("limoe-tiny-shared", None),
+    "limoe-tiny-fine": ("limoe-tiny-fine", None),
 }
+DESIGNS = ["limoe-tiny-soft", "limoe-tiny-auxfree", "limoe-tiny-shared", "limoe-tiny-fine"]
 DEFAULT_VARIANTS = ["clip-tiny", "limoe-tiny", "limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"]
 METRICS = [("zeroshot_top1", "zero-shot top-1", 100, "{:.1f}%"), ("retrieval_i2t_R@1", "R@1 i->t", 100, "{:.1f}%"),
            ("retrieval_t2i_R@1", "R@1 t->i", 100, "{:.1f}%"), ("samples_per_sec", "samples/s", 1, "{:.0f}")]
@@ -45,7 +51,8 @@ METRICS = [("zeroshot_top1", "zero-shot top-1", 100, "{:.1f}%"), ("retrieval_i2t
 PAIRS = [("limoe-tiny", "clip-tiny"), ("limoe-tiny, joint", "clip-tiny"), ("limoe-tiny, joint", "limoe-tiny"),
          ("limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"),
          ("limoe-tiny, joint, text tau log 4", "limoe-tiny, joint"), ("limoe-tiny", "limoe-tiny, no entropy losses"),
-         ("limoe-tiny, BPR, cf 0.5", "limoe-tiny, vanilla, cf 0.5")]
+         ("limoe-tiny, BPR, cf 0.5", "limoe-tiny, vanilla, cf 0.5")] + [
+    (d, b) for d in DESIGNS for b in ("limoe-tiny", "clip-tiny")]
 
 
 def mean_std(xs: list[float], fmt: str) -> str:
@@ -57,8 +64,9 @@ def mean_std(xs: list[float], fmt: str) -> str:
 
 
 def summarize(runs: list[dict], variants: list[str]) -> str:
-    lines = ["| variant | seeds | " + " | ".join(m[1] for m in METRICS) + " | min expert share (image / text) |",
-             "|---|---|" + "---|" * len(METRICS) + "---|"]
+    lines = ["| variant | seeds | " + " | ".join(m[1] for m in METRICS) + " | min expert share (image / text) "
+             "| effective experts, mean over layers (image / text) | dropped at evaluation (image / text) |",
+             "|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
     for v in variants:
         rs = [r for r in runs if r["model"] == v]
         cells = [mean_std([r[k] * scale for r in rs if r.get(k) is not None], fmt) for k, _, scale, fmt in METRICS]
@@ -66,7 +74,14 @@ def summarize(runs: list[dict], variants: list[str]) -> str:
         for mod in ("image", "text"):
             xs = [r["expert_usage"][mod]["min_share"] * 100 for r in rs if mod in r.get("expert_usage", {})]
             shares.append(mean_std(xs, "{:.1f}%") if xs else "-")
-        lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + f" | {shares[0]} / {shares[1]} |")
+        eff, drop = [], []
+        for mod in ("image", "text"):
+            us = [r["expert_usage"][mod] for r in rs if mod in r.get("expert_usage", {})]
+            eff.append(mean_std([statistics.mean(u["effective_experts"]) for u in us], "{:.2f}") if us else "-")
+            ds = [100 * u["dropped_frac"] for u in us if "dropped_frac" in u]
+            drop.append(mean_std(ds, "{:.1f}%") if ds else "-")
+        lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + f" | {shares[0]} / {shares[1]} | {eff[0]} / {eff[1]} "
+                     f"| {drop[0]} / {drop[1]} |")
     return "\n".join(lines)
 
 

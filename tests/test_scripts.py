@@ -22,6 +22,14 @@ def test_bench_moe_quick():
     assert mem[8192][1] / mem[1024][1] > 20  # the one-hot einsum is quadratic
 
 
+def test_bench_moe_designs_quick():
+    out = run("scripts/bench_moe.py", "--designs", "--tokens", "256", "--dim", "32", "--hidden", "64", "--reps", "1")
+    rows = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines() if line.startswith("| ") and "---" not in line
+            and "layer" not in line}
+    assert list(rows) == ["dense MLP", "Soft MoE, E=8, 1 slot each", "fine-grained m=4: E=32, top-4, h/4", "E=32, top-1"]
+    assert rows["dense MLP"] == 1.0 and all(r > 0 for r in rows.values())
+
+
 def test_bench_ep_quick():
     out = run("scripts/bench_ep.py", "--tokens", "128", "--dim", "32", "--hidden", "64", "--configs", "4x1,4x2", "--reps", "1")
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| 4 |")]

@@ -275,12 +275,13 @@ def test_unreadable_shard_is_reported_by_name(shards, tmp_path, caplog):
     assert any(str(broken) in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("routing", [{}, {"routing_groups": "joint", "eval_routing": "batch"}])
+@pytest.mark.parametrize("routing", [{"capacity_factor": None}, {"capacity_factor": None, "routing_groups": "joint", "eval_routing": "batch"},
+                                     {"capacity_factor": 0.5}])
 def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path, routing):
     import open_clip
 
-    dropless = {"moe": {"capacity_factor": None, **routing}}  # joint + batch: joint calls in validation
-    module = LIMoEModule("limoe-tiny", model_overrides=dropless)
+    # joint + batch: joint calls in validation; capacity 0.5: drops, counted in routing_dropped
+    module = LIMoEModule("limoe-tiny", model_overrides={"moe": routing})
     dm = ClipDataModule(val_shards=shards["val"], zeroshot_shards=shards["zeroshot"], classnames=shards["classnames"],
                         templates=shards["templates"], batch_size=8, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -295,9 +296,11 @@ def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path, routi
     n_image = (24 + 24) * 65  # retrieval + zero-shot images, 64 patches + class token
     assert {m for _, m in module.routing_counts} == {"image", "text"}
     for layer in range(2):
-        assert int(module.routing_counts[(layer, "text")].sum()) == n_text
-        assert int(module.routing_counts[(layer, "image")].sum()) == n_image
-        for m in ("image", "text"):
+        for m, n in (("text", n_text), ("image", n_image)):
+            kept = int(module.routing_counts[(layer, m)].sum())
+            dropped, choices = module.routing_dropped[(layer, m)].tolist()
+            assert choices == n and dropped == pytest.approx(n - kept, abs=1e-3)  # top-1: one choice per token
+            assert kept == n if routing["capacity_factor"] is None else kept < n
             torch.testing.assert_close(module.routing_mean_gates[(layer, m)].sum(), torch.tensor(1.0))
     assert float(trainer.callback_metrics["val/skipped_samples"]) == 0
 

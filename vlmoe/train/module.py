@@ -180,6 +180,7 @@ class LIMoEModule(L.LightningModule):
         self.last_routing_picture: Path | None = None
         self.routing_counts: dict[tuple[int, str], torch.Tensor] = {}  # from the last evaluation
         self.routing_mean_gates: dict[tuple[int, str], torch.Tensor] = {}  # likewise, each sums to 1
+        self.routing_dropped: dict[tuple[int, str], torch.Tensor] = {}  # likewise: [dropped choices, choices]
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -284,6 +285,7 @@ class LIMoEModule(L.LightningModule):
         self._feats = {"image": [], "text": []}
         self._zs = {"n": 0, 1: 0, 5: 0}
         self._routing = {}
+        self._drops = {}
         self._eval_skipped = 0
         self._classifier = None
         self._first_pairs = None  # the first image-text batch, for the routing pictures
@@ -300,6 +302,10 @@ class LIMoEModule(L.LightningModule):
                 st = aux.stats  # [2, E]: kept assignments per expert, and the tokens' gate mass
                 both = torch.stack([st["tokens_per_expert"].detach(), (st["mean_gate"] * st["num_tokens"]).detach().float()])
                 self._routing[key] = self._routing.get(key, 0) + both
+                # [dropped choices, choices] (expert choice: unrouted tokens, tokens)
+                choices = st["num_tokens"].float() * (m.top_k if m.router_name not in ("expert_choice", "soft") else 1)
+                drops = torch.stack([st["dropped_frac"].float() * choices, choices]).detach()
+                self._drops[key] = self._drops.get(key, 0) + drops
 
     def _eval_step(self, batch):
         self._eval_skipped += int(batch["skipped"])
@@ -371,9 +377,12 @@ class LIMoEModule(L.LightningModule):
             self._routing[k].float() if k in self._routing else torch.zeros(2, layers[k[0]].num_experts, device=self.device)
             for k in keys
         ])
+        drops = torch.stack([self._drops[k].float() if k in self._drops else torch.zeros(2, device=self.device) for k in keys])
         if self.trainer.world_size > 1:
             both = self.all_gather(both).sum(0)
+            drops = self.all_gather(drops).sum(0)
         counts, gate_mass = both[:, 0], both[:, 1]
+        self.routing_dropped = {k: d.cpu() for k, d in zip(keys, drops)}  # [dropped choices, choices]
         self.routing_counts = {k: c.cpu() for k, c in zip(keys, counts)}
         # LIMoE's measure of collapse: exp(H(p)), p the modality's mean routing distribution
         self.routing_mean_gates = {k: (g / g.sum().clamp_min(1e-12)).cpu() for k, g in zip(keys, gate_mass)}

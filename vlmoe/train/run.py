@@ -109,8 +109,12 @@ def expert_usage(module: LIMoEModule) -> dict:
     """From the last evaluation, per modality: the smallest share of the modality's routed
     tokens that any expert of any MoE layer received, experts used (>= 2%) out of E, and per
     MoE layer LIMoE's effective number of experts exp(H(p)) (p: the modality's mean routing
-    distribution) and the share of the modality's routed tokens that its top expert took."""
+    distribution) and the share of the modality's routed tokens that its top expert took; the
+    fraction of the modality's routed choices dropped over all layers."""
     out = {}
+    drops: dict[str, torch.Tensor] = {}
+    for (layer, modality), d in module.routing_dropped.items():
+        drops[modality] = drops.get(modality, 0) + d
     for (layer, modality), counts in sorted(module.routing_counts.items()):
         share = counts.float() / counts.sum().clamp_min(1)
         entry = out.setdefault(modality, {"min_share": 1.0, "experts_2pct": [], "num_experts": int(counts.numel()),
@@ -119,4 +123,7 @@ def expert_usage(module: LIMoEModule) -> dict:
         entry["experts_2pct"].append(int((share >= 0.02).sum()))
         entry["effective_experts"].append(effective_experts(module.routing_mean_gates[(layer, modality)]))
         entry["top_expert_share"].append(float(share.max()))
+    for modality, d in drops.items():
+        if modality in out:
+            out[modality]["dropped_frac"] = float(d[0] / d[1].clamp_min(1))
     return out
