@@ -141,17 +141,9 @@ def bench(tokens=4096, dim=256, hidden=1024, experts=(8, 32), top_ks=(1, 2), rep
                 with saved_bytes(list(mod.parameters()) + [x]) as b:
                     mod(x)
                 mem[name] = b[0]
-            times = {n: [] for n in variants}
-            for _ in range(reps):
-                for name, mod in variants.items():
-                    t0 = time.perf_counter()
-                    step(mod, x, g)
-                    times[name].append(time.perf_counter() - t0)
-                    mod.zero_grad(set_to_none=True)
-            dense = statistics.median(times["dense MLP"])
+            med = _interleaved(variants, x, g, reps)
             for name in variants:
-                med = statistics.median(times[name])
-                rows.append((E, k, name, med * 1e3, med / dense, mem[name] / 2**20))
+                rows.append((E, k, name, med[name] * 1e3, med[name] / med["dense MLP"], mem[name] / 2**20))
     return rows, ds_error
 
 

@@ -110,7 +110,7 @@ def _result_rows(results) -> list[tuple[str, str, float]]:
     a plain {dataset: {metric: value}} mapping."""
     if results is None:
         return []
-    if isinstance(results, dict) and "metrics" not in results:
+    if isinstance(results, dict) and "metrics" not in results and "top1" not in results:
         items = results.items()
         return [(str(d), str(k), float(v)) for d, ms in items for k, v in (ms.items() if isinstance(ms, dict) else [("value", ms)])
                 if isinstance(v, (int, float))]

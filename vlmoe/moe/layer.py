@@ -281,10 +281,12 @@ class SparseMoE(nn.Module):
             nn.init.zeros_(self.shared_gate.weight)  # the gate starts at sigmoid(0) = 1/2
 
     # -- shared experts and auxiliary-loss-free balancing ----------------------------------
+    def _add_shared(self, out_TD: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        """out_TD plus the always-on experts' output on x_TD (out_TD itself without them)."""
+        return out_TD if self.shared_experts is None else out_TD + self._shared(x_TD)
+
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The always-on experts' output (0 without them), gated per token if asked."""
-        if self.shared_experts is None:
-            return x_TD.new_zeros(())
+        """The always-on experts' output, gated per token if asked."""
         y_TD = self.shared_experts.forward_buffers(x_TD.unsqueeze(0)).squeeze(0).to(x_TD.dtype)
         if self.shared_gate is not None:
             y_TD = y_TD * torch.sigmoid(self.shared_gate(x_TD))
@@ -446,7 +448,7 @@ class SparseMoE(nn.Module):
         if not self.training and self.eval_routing == "per_example" and x.ndim >= 3:
             S, per_group = max(T // max(x.shape[0], 1), 1), True  # one example ([B, ...tokens, D]), one group
         out_TD, r = self._dispatch(x_TD, mask_T, S, opts, self._capacity_factor(opts), per_group)
-        out_TD = out_TD + self._shared(x_TD)
+        out_TD = self._add_shared(out_TD, x_TD)
         if self.capture is not None:  # per-token routing, for pictures (vlmoe.eval.routing)
             expert_T, kept_T = self._top1_kept(r, T)
             self._capture_one(modality, x.shape[:-1], expert_T, kept_T, mask_T)
@@ -501,7 +503,7 @@ class SparseMoE(nn.Module):
         for i, (m, (x, x_TD, mask_T, real_R)) in enumerate(flats.items()):
             rows = (owner_U == i).nonzero().squeeze(1)  # in routed order; real_R is in the same order
             out_TD = torch.zeros_like(x_TD).index_copy_(0, real_R, out_UD.index_select(0, rows).to(x_TD.dtype))
-            outs[m] = (out_TD + self._shared(x_TD)).reshape(x.shape)
+            outs[m] = self._add_shared(out_TD, x_TD).reshape(x.shape)
             n = rows.numel()
             self._record(m, self._aux(r, mask_U, max(n, 1), self.options_for(m), losses=_MODALITY_LOSSES, rows=rows))
             if self.capture is not None:

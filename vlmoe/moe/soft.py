@@ -116,7 +116,7 @@ class SoftMoE(SparseMoE):
         y_ECD = self.experts.forward_buffers(buf_ECD)
         y_BND = y_ECD.view(E, B, s, self.dim).transpose(0, 1).reshape(B, E * s, self.dim)
         out_BTD = torch.einsum("btn,bnd->btd", combine_BTN.to(y_BND.dtype), y_BND).to(x.dtype)
-        out_TD = out_BTD.reshape(-1, self.dim) + self._shared(x_TD)
+        out_TD = self._add_shared(out_BTD.reshape(-1, self.dim), x_TD)
         if self.capture is not None:  # each token's expert: the one its combine weights favour most
             expert_T = combine_BTN.view(B, -1, E, s).sum(-1).argmax(-1).reshape(-1)
             self._capture_one(modality, x.shape[:-1], expert_T, mask_T.clone(), mask_T)
