@@ -49,13 +49,22 @@ def _interleaved(fns: dict, reps: int, device) -> dict[str, float]:
 
 def check_correctness(device) -> dict:
     """A tiny LIMoE on the device (float32) against the same model on the CPU, with
-    per-modality and with joint routing (the towers in lockstep, one joint MoE call)."""
+    per-modality and with joint routing (the towers in lockstep, one joint MoE call), and the
+    designs since V-MoE: Soft MoE, bias balancing (a non-zero bias), shared and fine-grained
+    experts."""
     out = {}
-    for routing_groups in ("per_modality", "joint"):
+    dropless = {"capacity_factor": None, "noise_scale": 0.0}
+    cases = {"per_modality": ("limoe-tiny", dropless), "joint": ("limoe-tiny", {**dropless, "routing_groups": "joint"}),
+             "soft": ("limoe-tiny-soft", {}), "auxfree": ("limoe-tiny-auxfree", dropless),
+             "shared": ("limoe-tiny-shared", {**dropless, "shared_expert_gate": True}), "fine": ("limoe-tiny-fine", dropless)}
+    for routing_groups, (name, moe_overrides) in cases.items():
         torch.manual_seed(0)
-        model = vlmoe.create_model("limoe-tiny", moe={"capacity_factor": None, "noise_scale": 0.0,
-                                                       "routing_groups": routing_groups}).train()
-        size, ctx = model_input_spec("limoe-tiny")
+        model = vlmoe.create_model(name, moe=moe_overrides).train()
+        for layer in model.moe_layers():
+            if layer.balance == "bias":
+                with torch.no_grad():
+                    layer.expert_bias.copy_(torch.linspace(-0.05, 0.05, layer.num_experts))
+        size, ctx = model_input_spec(name)
         images = torch.randn(8, 3, size, size)
         texts = vlmoe.get_tokenizer(model)([f"caption {i}" for i in range(8)])
         results = {}
