@@ -300,7 +300,12 @@ def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path, routi
             kept = int(module.routing_counts[(layer, m)].sum())
             dropped, choices = module.routing_dropped[(layer, m)].tolist()
             assert choices == n and dropped == pytest.approx(n - kept, abs=1e-3)  # top-1: one choice per token
-            assert kept == n if routing["capacity_factor"] is None else kept < n
+            if routing["capacity_factor"] is None:
+                assert kept == n
+            elif m == "image":  # per example: 65 patches, 8 experts x 8 slots (ceil(65 * 0.5 / 8) rounded up to 4s)
+                assert kept < n
+            else:  # a caption's few tokens rarely overflow 4 slots per expert
+                assert kept <= n
             torch.testing.assert_close(module.routing_mean_gates[(layer, m)].sum(), torch.tensor(1.0))
     assert float(trainer.callback_metrics["val/skipped_samples"]) == 0
 
