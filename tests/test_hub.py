@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import vlmoe
 from vlmoe.errors import ConfigError, NotFound
-from vlmoe.models.hub import model_card, parse_hub_id, write_hub_folder
+from vlmoe.models.hub import model_card, parse_hub_id
 
 BIN = Path(sys.executable).parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1,6 +1,5 @@
 """Auxiliary-loss-free balancing (DeepSeek-V3's expert bias), shared experts (DeepSeekMoE /
 Qwen2-MoE) and fine-grained experts, each against a computation written out here."""
-import math
 from datetime import timedelta
 
 import lightning as L
