@@ -83,3 +83,16 @@ def test_losses_have_gradients():
     total = total + load_loss(logits, logits.detach() + 0.1 * torch.randn_like(logits), 0.25, 2)
     total.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_load_loss_erfc_is_torch_erfc_bit_for_bit(dtype):
+    # the fast path (0 where erfc underflows) must not change a value or a gradient
+    from vlmoe.moe.losses import _erfc
+
+    x = torch.cat([torch.linspace(-6, 40, 20001, dtype=torch.float64), torch.randn(5000, dtype=torch.float64) * 15]).to(dtype)
+    x.requires_grad_()
+    fast, ref = _erfc(x), torch.erfc(x)
+    assert torch.equal(fast, ref)
+    assert torch.equal(torch.autograd.grad(fast.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+    assert (ref == 0).sum() > 1000 and (ref > 0).sum() > 1000  # both regions are covered

@@ -147,3 +147,43 @@ def test_expert_choice_route():
     token, _ = expert_choice_route(gates, 8)  # capacity above S is clipped to S
     assert token.shape == (2, 4)
     assert math.isclose(float(weight.sum()), 0.6 + 0.5 + 0.9 + 0.5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("E,K", [(8, 1), (32, 1), (32, 2), (32, 4), (64, 8)])
+def test_top_k_gates_is_the_stable_descending_sort(E, K):
+    """argmax (top-1) and topk with tied rows redone must give exactly the stable sort's
+    first K: ties between chosen experts and at the K-th place go to the lower index."""
+    from vlmoe.moe import top_k_gates
+
+    g = torch.Generator().manual_seed(E * 10 + K)
+    rand = torch.rand(3, 200, E, generator=g)
+    tied = (rand * 4).round() / 4  # many ties, some at the K-th place
+    equal = torch.full((2, 5, E), 1.0 / E)  # a zero-initialised router: every expert ties
+    for gates in (rand, tied, equal, rand - 0.5):  # negative values: gates plus a selection bias
+        gates = gates.clone().requires_grad_()
+        values, index = top_k_gates(gates, K)
+        ref = torch.sort(gates.detach(), dim=-1, descending=True, stable=True)
+        assert torch.equal(index, ref.indices[..., :K])
+        assert torch.equal(values.detach(), ref.values[..., :K])
+        values.sum().backward()  # the values stay differentiable, at the chosen experts only
+        assert torch.equal(gates.grad, torch.zeros_like(gates).scatter_(-1, index, 1.0))
+
+
+def test_route_matches_the_reference_with_many_experts_and_ties():
+    # the sort-based running count at sizes the property test does not reach (E=32, K=4)
+    g = torch.Generator().manual_seed(3)
+    gates = (torch.rand(300, 32, generator=g) * 6).round() / 6
+    gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-6)
+    mask = torch.rand(300, generator=g) > 0.1
+    for C, bpr in ((None, True), (30, True), (30, False), (7, True)):
+        r = route(gates, 4, C, batch_priority=bpr, mask=mask)
+        choices, slot = reference_route(gates, 4, C, bpr, mask.tolist())
+        assert r.expert_index.tolist() == choices and r.slot.tolist() == slot
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_route_refuses_any_non_finite_gate(bad):
+    gates = torch.rand(40, 8)
+    gates[17, 3] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        route(gates, 2, 8)

@@ -19,7 +19,7 @@ from torch import nn
 from . import losses as L
 from .experts import Experts, Implementation
 from .comm import expert_parallel_apply
-from .routing import compute_capacity, expert_choice_route, route, top_k_gates
+from .routing import _all_finite, compute_capacity, expert_choice_route, route, top_k_gates
 from ..errors import ConfigError
 
 __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_routing_context", "collect_aux", "ROUTERS",
@@ -548,7 +548,7 @@ class SparseMoE(nn.Module):
         """Route the tokens x_TD in groups of S, run the experts, combine: (out_TD, _Routed)."""
         E, D = self.num_experts, self.dim
         logits_TE = self.router_logits(x_TD)
-        if not torch.isfinite(logits_TE).all():
+        if not _all_finite(logits_TE):
             raise FloatingPointError(
                 "SparseMoE router logits are not finite (NaN/inf): the input or the router weights "
                 "have diverged; lower the learning rate or enable gradient clipping"
@@ -582,21 +582,25 @@ class SparseMoE(nn.Module):
         # bias fused. Measured with scripts/bench_moe.py on 2 CPU cores they win for top-1
         # at >= 85% fill; for top-2 the ragged grouped_mm path won even at 98% fill.
         padded = self.top_k == 1 and M >= self.padded_min_fill * E * G * C
-        if self.ep is not None:
-            # Expert parallel: ragged rows sorted by expert go to the ranks that own them.
-            order_M = torch.sort(expert_M, stable=True).indices
-            token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
-            y_MD = expert_parallel_apply(self.experts, x_TD.index_select(0, token_M), counts_E, self.ep)
-        elif impl == "bmm" or (impl == "auto" and padded):
+        if self.ep is None and (impl == "bmm" or (impl == "auto" and padded)):
             # V-MoE layout: per-expert buffers [E, G*C, D] filled by (expert, group, slot).
             row_M = (expert_M * G + group_M) * C + slot_M
             buf_RD = x_TD.new_zeros(E * G * C, D).index_copy_(0, row_M, x_TD.index_select(0, token_M))
             y_RD = self.experts.forward_buffers(buf_RD.view(E, G * C, D)).reshape(E * G * C, D)
             y_MD = y_RD.index_select(0, row_M)
         else:
-            order_M = torch.sort(expert_M, stable=True).indices  # ragged: rows grouped by expert
+            # Ragged rows grouped by expert (then group, then slot), placed without a sort: the
+            # kept slots of each (expert, group) are 0..n-1, so a row's place is the rows of the
+            # (expert, group) pairs before its own plus its slot.
+            count_EG = torch.bincount(expert_M * G + group_M, minlength=E * G)
+            place_M = (count_EG.cumsum(0) - count_EG).index_select(0, expert_M * G + group_M) + slot_M
+            order_M = torch.empty_like(place_M).scatter_(0, place_M, torch.arange(M, device=place_M.device))
             token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
-            y_MD = self.experts(x_TD.index_select(0, token_M), counts_E)
+            x_MD = x_TD.index_select(0, token_M)
+            if self.ep is not None:  # expert parallel: the rows go to the ranks that own their experts
+                y_MD = expert_parallel_apply(self.experts, x_MD, counts_E, self.ep)
+            else:
+                y_MD = self.experts(x_MD, counts_E)
         out_TD = torch.zeros_like(x_TD)
         out_TD.index_add_(0, token_M, y_MD.to(x_TD.dtype) * weight_M.to(x_TD.dtype).unsqueeze(-1))
         return out_TD, routed

@@ -73,12 +73,18 @@ class Routing:
         return self.slot >= 0
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: max |t| propagates NaN and inf (one reduction, no
+    bool tensor of t's size)."""
+    return t.numel() == 0 or bool(torch.isfinite(t.abs().amax()))
+
+
 def _check_gates(gates: torch.Tensor, name: str = "gates") -> torch.Tensor:
     if gates.ndim not in (2, 3):
         raise ConfigError(f"{name} must be [S, E] or [G, S, E]; got shape {tuple(gates.shape)}")
     if not gates.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor of probabilities; got {gates.dtype}")
-    if not torch.isfinite(gates).all():
+    if not _all_finite(gates):
         raise ConfigError(
             f"{name} contain non-finite values (NaN or inf): check the router input and "
             f"weights, or lower the learning rate"
@@ -87,10 +93,25 @@ def _check_gates(gates: torch.Tensor, name: str = "gates") -> torch.Tensor:
 
 
 def top_k_gates(gates_GSE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k gate values and experts, ties broken towards the lower expert index
-    (as jax.lax.top_k does), which `torch.topk` does not promise."""
-    values, index = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
-    return values[..., :top_k], index[..., :top_k]
+    """Top-k gate values and experts, in descending order, ties broken towards the lower
+    expert index (as jax.lax.top_k does), which `torch.topk` does not promise.
+
+    top-1 is an argmax (which returns the first maximum); top-k a `torch.topk`, whose rows
+    with a tie (two equal values among the chosen, or an unchosen expert equal to the k-th)
+    are redone with a stable sort, so the result is always the stable sort's."""
+    if top_k == 1:
+        index = gates_GSE.argmax(-1, keepdim=True)
+        return gates_GSE.gather(-1, index), index
+    values, index = torch.topk(gates_GSE, top_k, dim=-1)
+    with torch.no_grad():
+        tied = ((gates_GSE >= values[..., -1:]).sum(-1) > top_k) | (values[..., 1:] == values[..., :-1]).any(-1)
+        rows = tied.nonzero(as_tuple=True)
+        if rows[0].numel():
+            stable = torch.sort(gates_GSE[rows], dim=-1, descending=True, stable=True).indices[..., :top_k]
+            index = index.index_put(rows, stable)
+    if rows[0].numel():
+        values = gates_GSE.gather(-1, index)
+    return values, index
 
 
 def route(
@@ -162,10 +183,7 @@ def route(
     # K-major flattening puts every top-1 choice ahead of every top-2 choice.
     expert_GN = expert_ord_GSK.transpose(1, 2).reshape(G, K * S)
     valid_GN = valid_ord_GSK.transpose(1, 2).reshape(G, K * S)
-    # Running count per expert: [G, N, E] is linear in tokens (no capacity axis).
-    onehot_GNE = torch.zeros(G, K * S, E, dtype=torch.int32, device=device)
-    onehot_GNE.scatter_(2, expert_GN.unsqueeze(-1), valid_GN.to(torch.int32).unsqueeze(-1))
-    position_GN = onehot_GNE.cumsum(dim=1).gather(2, expert_GN.unsqueeze(-1)).squeeze(-1).long() - 1
+    position_GN = _running_count(expert_GN, valid_GN, E)
     kept_GN = valid_GN if capacity is None else valid_GN & (position_GN < capacity)
     slot_GN = torch.where(kept_GN, position_GN, torch.full_like(position_GN, -1))
     slot_ord_GSK = slot_GN.reshape(G, K, S).transpose(1, 2)
@@ -184,6 +202,24 @@ def route(
     if squeeze:
         out = Routing(out.expert_index[0], out.slot[0], out.combine_weight[0])
     return out
+
+
+def _running_count(expert_GN: torch.Tensor, valid_GN: torch.Tensor, E: int) -> torch.Tensor:
+    """For each valid choice n, how many valid choices before it in its group picked the
+    same expert (its position in that expert's queue); arbitrary where not valid.
+
+    A stable sort by expert (invalid choices last) lines each expert's choices up in order:
+    a choice's position is its rank minus the rank of its expert's first choice. O(N log N),
+    where a running one-hot count is O(N E)."""
+    G, N = expert_GN.shape
+    key_GN = torch.where(valid_GN, expert_GN, torch.full_like(expert_GN, E))
+    key_sorted_GN, perm_GN = torch.sort(key_GN, dim=1, stable=True)
+    count_GE = torch.zeros(G, E + 1, dtype=torch.long, device=expert_GN.device)
+    count_GE.scatter_add_(1, key_GN, torch.ones_like(key_GN))
+    first_GE = count_GE.cumsum(1) - count_GE  # rank of each expert's first choice
+    rank_GN = torch.arange(N, device=expert_GN.device).expand(G, N)
+    position_sorted_GN = rank_GN - first_GE.gather(1, key_sorted_GN)
+    return torch.empty_like(position_sorted_GN).scatter_(1, perm_GN, position_sorted_GN)
 
 
 def expert_choice_route(
