@@ -8,6 +8,8 @@ parameters excluded), which is what grows with the number of tokens.
 
     python scripts/bench_moe.py                       # the README table
     python scripts/bench_moe.py --tokens 256 --reps 2 --experts 4   # a quick look
+    python scripts/bench_moe.py --malloc keep         # glibc keeps freed memory (no page faults)
+    python scripts/bench_moe.py --page-faults [--malloc keep]   # what a fresh 32 MiB block costs
 """
 from __future__ import annotations
 
@@ -215,6 +217,56 @@ def format_table(rows, tokens, dim, hidden) -> str:
     return "\n".join(lines)
 
 
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory for reuse, as a caching allocator (jemalloc, tcmalloc, CUDA's)
+    does. By default glibc serves blocks over its mmap threshold (at most 32 MiB) by mmap and
+    unmaps them on free, so every step page-faults them in again (the kernel zeroes each page):
+    an E=32 layer's two 32 MiB weight gradients cost ~9 ms each that way on this machine. Same
+    effect as MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 in the
+    environment."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        raise SystemExit("--malloc keep needs glibc's mallopt (Linux); use jemalloc or tcmalloc via LD_PRELOAD instead")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)):
+        raise SystemExit("glibc refused mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, 1 GiB)")
+    return "malloc: glibc keeps freed blocks < 1 GiB (mallopt)"
+
+
+def page_fault_cost(tokens=4096, dim=256, hidden=1024, experts=32, reps=15) -> str:
+    """The weight gradient of E experts' first projection ([E, C, D]^T x [E, C, H] -> [E, D, H],
+    C = tokens / E) computed into fresh memory (what autograd does) and into reused memory, beside
+    the dense MLP's gradient of the same FLOPs; and filling a fresh vs a reused block of that size."""
+    C = tokens // experts
+    x, dh = torch.randn(experts, C, dim), torch.randn(experts, C, hidden)
+    out = torch.empty(experts, dim, hidden)
+    xd, dhd = x.reshape(-1, dim), dh.reshape(-1, hidden)
+    cases = {
+        "expert weight grad, fresh memory": lambda: torch.bmm(x.transpose(1, 2), dh),
+        "expert weight grad, reused memory": lambda: torch.bmm(x.transpose(1, 2), dh, out=out),
+        "dense weight grad (same FLOPs)": lambda: xd.t() @ dhd,
+        "fill a fresh block": lambda: torch.empty_like(out).fill_(1.0),
+        "fill a reused block": lambda: out.fill_(1.0),
+    }
+    times = {n: [] for n in cases}
+    for f in cases.values():
+        f()
+    for _ in range(reps):
+        for n, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+    mib = out.numel() * out.element_size() / 2**20
+    lines = [f"Fresh vs reused memory ({mib:.0f} MiB blocks, E={experts}, C={C}, d={dim}, h={hidden}; medians of {reps}):", "",
+             "| operation | ms |", "|---|---|"]
+    lines += [f"| {n} | {statistics.median(t) * 1e3:.1f} |" for n, t in times.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
@@ -226,7 +278,15 @@ def main(argv=None):
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--memory-scaling", action="store_true", help="also print activation memory at 1k-8k tokens")
     p.add_argument("--designs", action="store_true", help="only the Soft MoE / fine-grained rows against the dense MLP")
+    p.add_argument("--page-faults", action="store_true", help="only time a weight gradient into fresh vs reused memory")
+    p.add_argument("--malloc", choices=["default", "keep"], default="default",
+                   help="keep: glibc keeps freed memory instead of unmapping blocks over 32 MiB (see keep_freed_memory)")
     a = p.parse_args(argv)
+    print(keep_freed_memory() if a.malloc == "keep" else "malloc: glibc default (blocks over its mmap threshold, <= 32 MiB, "
+          "are unmapped on free)")
+    if a.page_faults:
+        print(page_fault_cost(a.tokens, a.dim, a.hidden))
+        return None
     if a.designs:
         rows = bench_designs(a.tokens, a.dim, a.hidden, a.reps)
         print(f"tokens={a.tokens} (sequences of 8), d={a.dim}, h={a.hidden}, float32, capacity_factor=1.0; "

@@ -15,7 +15,7 @@ def test_bench_moe_quick():
     out = run("scripts/bench_moe.py", "--tokens", "256", "--dim", "32", "--hidden", "64", "--experts", "4", "--top-k", "1", "2", "--reps", "1", "--no-deepspeed", "--memory-scaling")
     rows = [line for line in out.splitlines() if line.startswith("| 4 |")]
     assert len(rows) == 2 * 6  # dense, vlmoe (auto, bmm, grouped_mm, loop), one-hot einsum for two top-k
-    assert "DeepSpeed MoE: skipped" in out
+    assert "DeepSpeed MoE: skipped" in out and out.startswith("malloc: glibc default")
     mem = {int(r.split("|")[1]): (float(r.split("|")[2]), float(r.split("|")[3])) for r in out.splitlines() if r.startswith("| ") and r.split("|")[1].strip().isdigit() and len(r.split("|")) == 5}
     assert sorted(mem) == [1024, 2048, 4096, 8192]
     assert mem[8192][0] / mem[1024][0] < 10  # linear (8x tokens)
@@ -23,11 +23,21 @@ def test_bench_moe_quick():
 
 
 def test_bench_moe_designs_quick():
-    out = run("scripts/bench_moe.py", "--designs", "--tokens", "256", "--dim", "32", "--hidden", "64", "--reps", "1")
+    out = run("scripts/bench_moe.py", "--designs", "--tokens", "256", "--dim", "32", "--hidden", "64", "--reps", "1", "--malloc", "keep")
+    assert out.startswith("malloc: glibc keeps freed blocks")
     rows = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines() if line.startswith("| ") and "---" not in line
             and "layer" not in line}
     assert list(rows) == ["dense MLP", "Soft MoE, E=8, 1 slot each", "fine-grained m=4: E=32, top-4, h/4", "E=32, top-1"]
     assert rows["dense MLP"] == 1.0 and all(r > 0 for r in rows.values())
+
+
+def test_bench_moe_page_faults_quick():
+    out = run("scripts/bench_moe.py", "--page-faults", "--tokens", "256", "--dim", "32", "--hidden", "64", "--malloc", "keep")
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| ") and "---" not in line
+            and "operation" not in line}
+    assert list(rows) == ["expert weight grad, fresh memory", "expert weight grad, reused memory", "dense weight grad (same FLOPs)",
+                          "fill a fresh block", "fill a reused block"]
+    assert all(ms > 0 for ms in rows.values())
 
 
 def test_bench_ep_quick():
