@@ -261,9 +261,9 @@ def page_fault_cost(tokens=4096, dim=256, hidden=1024, experts=32, reps=15) -> s
             f()
             times[n].append(time.perf_counter() - t0)
     mib = out.numel() * out.element_size() / 2**20
-    lines = [f"Fresh vs reused memory ({mib:.0f} MiB blocks, E={experts}, C={C}, d={dim}, h={hidden}; medians of {reps}):", "",
+    lines = [f"Fresh vs reused memory ({mib:g} MiB blocks, E={experts}, C={C}, d={dim}, h={hidden}; medians of {reps}):", "",
              "| operation | ms |", "|---|---|"]
-    lines += [f"| {n} | {statistics.median(t) * 1e3:.1f} |" for n, t in times.items()]
+    lines += [f"| {n} | {statistics.median(t) * 1e3:.2f} |" for n, t in times.items()]
     return "\n".join(lines)
 
 

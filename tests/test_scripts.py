@@ -37,7 +37,7 @@ def test_bench_moe_page_faults_quick():
             and "operation" not in line}
     assert list(rows) == ["expert weight grad, fresh memory", "expert weight grad, reused memory", "dense weight grad (same FLOPs)",
                           "fill a fresh block", "fill a reused block"]
-    assert all(ms > 0 for ms in rows.values())
+    assert all(ms >= 0 for ms in rows.values()) and "(0.25 MiB blocks, E=32, C=8, d=32, h=64" in out  # 32 x 32 x 64 floats
 
 
 def test_bench_ep_quick():
