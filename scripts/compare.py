@@ -40,10 +40,11 @@ VARIANTS = {
     # the routing designs since V-MoE (issue #15), each its own config
     "limoe-tiny-soft": ("limoe-tiny-soft", None),
     "limoe-tiny-auxfree": ("limoe-tiny-auxfree", None),
+    "limoe-tiny-auxfree-modality": ("limoe-tiny-auxfree-modality", None),
     "limoe-tiny-shared": ("limoe-tiny-shared", None),
     "limoe-tiny-fine": ("limoe-tiny-fine", None),
 }
-DESIGNS = ["limoe-tiny-soft", "limoe-tiny-auxfree", "limoe-tiny-shared", "limoe-tiny-fine"]
+DESIGNS = ["limoe-tiny-soft", "limoe-tiny-auxfree", "limoe-tiny-auxfree-modality", "limoe-tiny-shared", "limoe-tiny-fine"]
 DEFAULT_VARIANTS = ["clip-tiny", "limoe-tiny", "limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"]
 METRICS = [("zeroshot_top1", "zero-shot top-1", 100, "{:.1f}%"), ("retrieval_i2t_R@1", "R@1 i->t", 100, "{:.1f}%"),
            ("retrieval_t2i_R@1", "R@1 t->i", 100, "{:.1f}%"), ("samples_per_sec", "samples/s", 1, "{:.0f}")]
@@ -52,7 +53,7 @@ PAIRS = [("limoe-tiny", "clip-tiny"), ("limoe-tiny, joint", "clip-tiny"), ("limo
          ("limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"),
          ("limoe-tiny, joint, text tau log 4", "limoe-tiny, joint"), ("limoe-tiny", "limoe-tiny, no entropy losses"),
          ("limoe-tiny, BPR, cf 0.5", "limoe-tiny, vanilla, cf 0.5")] + [
-    (d, b) for d in DESIGNS for b in ("limoe-tiny", "clip-tiny")]
+    (d, b) for d in DESIGNS for b in ("limoe-tiny", "clip-tiny")] + [("limoe-tiny-auxfree-modality", "limoe-tiny-auxfree")]
 
 
 def mean_std(xs: list[float], fmt: str) -> str:

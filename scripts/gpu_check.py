@@ -56,6 +56,7 @@ def check_correctness(device) -> dict:
     dropless = {"capacity_factor": None, "noise_scale": 0.0}
     cases = {"per_modality": ("limoe-tiny", dropless), "joint": ("limoe-tiny", {**dropless, "routing_groups": "joint"}),
              "soft": ("limoe-tiny-soft", {}), "auxfree": ("limoe-tiny-auxfree", dropless),
+             "auxfree-modality": ("limoe-tiny-auxfree-modality", dropless),
              "shared": ("limoe-tiny-shared", {**dropless, "shared_expert_gate": True}), "fine": ("limoe-tiny-fine", dropless)}
     for routing_groups, (name, moe_overrides) in cases.items():
         torch.manual_seed(0)

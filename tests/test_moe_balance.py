@@ -133,6 +133,81 @@ def test_bad_balance_settings():
         vlmoe.create_model("limoe-tiny", moe={"balance": "bias", "router": "expert_choice"})
 
 
+def two_modality_inputs():
+    """Image patches leaning to expert 0 and fewer text tokens leaning to expert 1 (a shared layer's
+    two modalities, the patches ~5x the text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(256, D, generator=g) * 0.5
+    img[:, 0] += 1.0
+    txt = torch.randn(48, D, generator=g) * 0.5
+    txt[:, 1] += 1.0
+    return img, txt
+
+
+def test_bias_per_modality_balances_each_modality_where_one_bias_leaves_text_collapsed():
+    img, txt = two_modality_inputs()
+    ratio = {}
+    for per_modality in (False, True):
+        moe = skewed_layer(rate=0.02, bias_per_modality=per_modality).train()
+        for _ in range(80):
+            moe(img, modality="image")
+            moe(txt, modality="text")
+            moe.update_bias()
+        loads = {m: moe.aux[m].stats["tokens_per_expert"] for m in ("image", "text")}
+        ratio[per_modality] = {m: float(v.max() / v.min().clamp_min(1)) for m, v in loads.items()}
+    assert ratio[False]["text"] > 10 and ratio[True]["text"] < 2 and ratio[True]["image"] < 2, ratio
+    # each row moves by its own modality's loads only: after an image-only step the text row stays
+    moe = skewed_layer(rate=0.02, bias_per_modality=True).train()
+    moe(img, modality="image")
+    load = moe._bias_load.clone()
+    assert load[1].sum() == 0 and load[0].sum() == len(img)
+    moe.update_bias()
+    torch.testing.assert_close(moe.expert_bias[0], 0.02 * torch.sign(load[0].mean() - load[0]))
+    assert moe.expert_bias[1].abs().sum() == 0
+
+
+def test_bias_per_modality_selects_with_the_tokens_own_row_also_in_joint_routing():
+    img, txt = two_modality_inputs()
+    moe = skewed_layer(bias_per_modality=True).train()
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([[-0.3, 0.0, 0.1, 0.0], [0.0, -0.3, 0.0, 0.2]]))
+    gates = {m: F.softmax(x @ torch.eye(E, D).t(), -1) for m, x in (("image", img), ("text", txt))}
+
+    def reference(m, x):  # the unbiased weight of the expert the modality's biased gates choose
+        chosen = (gates[m] + moe.expert_bias[("image", "text").index(m)]).argmax(-1)
+        return torch.stack([gates[m][t, chosen[t]] * expert(moe, int(chosen[t]), x[t:t + 1])[0] for t in range(len(x))])
+
+    with torch.no_grad():
+        ref = {"image": reference("image", img), "text": reference("text", txt)}
+        for m, x in (("image", img), ("text", txt)):
+            torch.testing.assert_close(moe(x, modality=m), ref[m], rtol=1e-5, atol=1e-6)
+        joint = moe.forward_joint({"image": (img, None), "text": (txt, None)})  # dropless: = per modality
+        for m in ("image", "text"):
+            torch.testing.assert_close(joint[m], ref[m], rtol=1e-5, atol=1e-6)
+    moe._bias_load.zero_()  # the training-mode forwards above counted too
+    moe.forward_joint({"image": (img, None), "text": (txt, None)})  # counted per modality in joint calls too
+    counts = torch.stack([torch.bincount((gates[m] + moe.expert_bias[i]).argmax(-1), minlength=E)
+                          for i, m in enumerate(("image", "text"))]).float()
+    torch.testing.assert_close(moe._bias_load, counts)
+
+
+def test_bias_per_modality_in_models_checkpoints_and_errors(tmp_path):
+    model = vlmoe.create_model("limoe-tiny", moe={"balance": "bias", "bias_per_modality": True})
+    with torch.no_grad():
+        for m in model.moe_layers():
+            assert m.expert_bias.shape == (2, m.num_experts)
+            m.expert_bias.copy_(torch.randn(2, m.num_experts))
+    again = vlmoe.create_model(vlmoe.save_pretrained(model, tmp_path / "export"))
+    for a, b in zip(model.moe_layers(), again.moe_layers()):
+        torch.testing.assert_close(a.expert_bias, b.expert_bias)
+    images, texts = torch.randn(2, 3, 32, 32), vlmoe.get_tokenizer(16)(["a b", "c"])
+    torch.testing.assert_close(model.eval()(images, texts)["text_features"], again.eval()(images, texts)["text_features"])
+    with pytest.raises(ConfigError, match="needs balance='bias'"):
+        SparseMoE(D, H, num_experts=E, bias_per_modality=True)
+    with pytest.raises(ConfigError, match="routing_context"):
+        skewed_layer(bias_per_modality=True)(torch.randn(4, D))  # no modality: which row?
+
+
 class PairDataset(torch.utils.data.Dataset):
     def __init__(self, n=8):
         g = torch.Generator().manual_seed(0)
@@ -175,9 +250,10 @@ class SaveBias(L.Callback):
         torch.save([m.expert_bias.clone() for m in pl_module.model.moe_layers()], f"{self.path}.rank{trainer.global_rank}")
 
 
-def _fit_bias(devices, per_device_batch, path, steps=2, accumulate=1):
+def _fit_bias(devices, per_device_batch, path, steps=2, accumulate=1, per_modality=False):
     torch.manual_seed(0)
-    module = LIMoEModule("limoe-tiny", model_overrides={"moe": {"balance": "bias", "bias_update_rate": 0.01, "noise_scale": 0.0}},
+    moe = {"balance": "bias", "bias_update_rate": 0.01, "noise_scale": 0.0, "bias_per_modality": per_modality}
+    module = LIMoEModule("limoe-tiny", model_overrides={"moe": moe},
                          warmup_steps=1, lr=0.0)
     strategy = (L.pytorch.strategies.DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60))
                 if devices > 1 else "auto")
@@ -190,13 +266,15 @@ def _fit_bias(devices, per_device_batch, path, steps=2, accumulate=1):
     return [torch.load(f"{path}.rank{r}", weights_only=True) for r in range(devices)]
 
 
-def test_bias_is_the_same_on_every_rank_and_equals_one_process(tmp_path):
+@pytest.mark.parametrize("per_modality", [False, True])
+def test_bias_is_the_same_on_every_rank_and_equals_one_process(tmp_path, per_modality):
     """Each of 2 gloo ranks routes half of every batch; the loads are summed before the update,
     so both ranks hold the bias one process computes from the whole batch (the selection does
     not depend on how the batch is split: no capacity, no noise, lr 0)."""
-    single = _fit_bias(1, 8, tmp_path / "single", steps=3)[0]
-    ranks = _fit_bias(2, 4, tmp_path / "ddp", steps=3)
+    single = _fit_bias(1, 8, tmp_path / "single", steps=3, per_modality=per_modality)[0]
+    ranks = _fit_bias(2, 4, tmp_path / "ddp", steps=3, per_modality=per_modality)
     for layer in range(len(single)):
+        assert single[layer].shape == ((2, 8) if per_modality else (8,))
         torch.testing.assert_close(ranks[0][layer], ranks[1][layer], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0][layer], single[layer], rtol=0, atol=0)
         assert single[layer].abs().max() > 0

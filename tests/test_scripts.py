@@ -59,7 +59,7 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     out = run("scripts/gpu_check.py", "--tiny", "--reps", "1", "--device", "cpu", "--out", str(tmp_path))
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["correctness"]["grouped_mm_vs_loop_bf16_max_rel_diff"] < 0.05  # bf16 rounding only
-    for routing_groups in ("per_modality", "joint", "soft", "auxfree", "shared", "fine"):  # the same device: the same numbers
+    for routing_groups in ("per_modality", "joint", "soft", "auxfree", "auxfree-modality", "shared", "fine"):  # the same device: the same numbers
         assert report["correctness"][f"{routing_groups}_features_max_abs_diff"] == 0.0
     assert len(report["layer"]) == 4 and set(report["training_samples_per_s"]) == {"limoe-tiny", "clip-tiny"}
     assert "samples/s" in out

@@ -43,7 +43,7 @@ def dense_baseline(name: str) -> str:
         return name
     # variants of a LIMoE config (expert count, WideNet, Mixtral routing, Soft MoE, bias
     # balancing, shared or fine-grained experts) share its baseline
-    base = re.sub(r"(-e\d+|-widenet|-mixtral|-soft|-auxfree|-shared|-fine)$", "", name.replace("limoe-", "clip-", 1))
+    base = re.sub(r"(-e\d+|-widenet|-mixtral|-soft|-auxfree-modality|-auxfree|-shared|-fine)$", "", name.replace("limoe-", "clip-", 1))
     if base not in _configs():
         raise ConfigError(f"{name!r} has no dense baseline config {base!r}")
     return base

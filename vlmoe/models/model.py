@@ -71,6 +71,7 @@ class MoEConfig:
     # (DeepSeek-V3): a per-expert selection bias moved by bias_update_rate once per optimizer step
     balance: str = "loss"
     bias_update_rate: float = 1e-3
+    bias_per_modality: bool = False  # with balance "bias": one bias per expert and modality (shared layers)
     num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE, Qwen2-MoE)
     shared_expert_gate: bool = False  # a sigmoid gate per token on the shared output (Qwen2-MoE)
     # fine-grained experts: m x the experts, m x top_k, each 1/m as wide (the same active FLOPs)
@@ -94,7 +95,7 @@ class MoEConfig:
             "noise_scale", "group_size",
             "normalize_combine_weights", "importance_weight", "load_weight", "balance_weight", "z_loss_weight",
             "local_entropy_weight", "global_entropy_weight", "global_entropy_threshold", "implementation",
-            "gate", "expert_type", "balance", "bias_update_rate", "num_shared_experts", "shared_expert_gate",
+            "gate", "expert_type", "balance", "bias_update_rate", "bias_per_modality", "num_shared_experts", "shared_expert_gate",
         )}
         m = self.granularity
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:

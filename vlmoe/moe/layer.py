@@ -27,6 +27,7 @@ __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "routing_context", "current_
 
 RouterName = Literal["topk", "switch", "gshard", "expert_choice"]
 ROUTERS = ("topk", "switch", "gshard", "expert_choice")
+BIAS_MODALITIES = ("image", "text")  # the rows of a per-modality expert bias
 GATES = ("softmax", "topk_softmax")
 EVAL_ROUTING = ("per_example", "batch", "dropless")
 
@@ -140,6 +141,11 @@ class SparseMoE(nn.Module):
             experts only, never to the combine weights, and `update_bias()` moves it by
             `bias_update_rate` against the sign of each expert's load error, once per optimizer
             step; the importance / load / balance losses then default to weight 0).
+        bias_per_modality: with balance="bias", one bias per expert and modality (rows
+            BIAS_MODALITIES), each moved by its own modality's loads and applied to its own
+            modality's tokens, so a layer shared by the towers balances text as well as image
+            patches (with one bias the patches, ~5x the text tokens, set it). Every call then needs
+            its modality (routing_context or `modality=`).
         num_shared_experts: always-on experts (DeepSeekMoE, Qwen2-MoE) of the routed experts'
             width, one dense MLP of num_shared_experts x hidden_dim beside the routed output.
         shared_expert_gate: scale the shared output by sigmoid(x . w) per token (Qwen2-MoE).
@@ -175,6 +181,7 @@ class SparseMoE(nn.Module):
         eval_capacity_factor: float | None = None,
         balance: Literal["loss", "bias"] = "loss",
         bias_update_rate: float = 1e-3,
+        bias_per_modality: bool = False,
         num_shared_experts: int = 0,
         shared_expert_gate: bool = False,
     ):
@@ -203,6 +210,8 @@ class SparseMoE(nn.Module):
                               "(balanced by construction): use balance='loss' with router='expert_choice'")
         if isinstance(bias_update_rate, bool) or not isinstance(bias_update_rate, (int, float)) or not bias_update_rate > 0:
             raise ConfigError(f"bias_update_rate must be a number > 0; got {bias_update_rate!r}")
+        if bias_per_modality and balance != "bias":
+            raise ConfigError("bias_per_modality=True needs balance='bias' (it is a per-modality expert bias)")
         _check_int("num_shared_experts", num_shared_experts, 0)
         if shared_expert_gate and not num_shared_experts:
             raise ConfigError("shared_expert_gate=True needs num_shared_experts >= 1 (there is no shared expert to gate)")
@@ -254,10 +263,13 @@ class SparseMoE(nn.Module):
         self.experts = Experts(num_experts, dim, self.hidden_dim, act_layer=act_layer, bias=bias,
                                implementation=implementation, expert_type=expert_type)
         self.balance, self.bias_update_rate = balance, float(bias_update_rate)
+        self.bias_per_modality = bool(bias_per_modality)
         if balance == "bias":
-            # Saved in checkpoints, never trained (a buffer): moved by update_bias().
-            self.register_buffer("expert_bias", torch.zeros(num_experts))
-            self.register_buffer("_bias_load", torch.zeros(num_experts), persistent=False)
+            # Saved in checkpoints, never trained (a buffer): moved by update_bias(). [E], or
+            # [len(BIAS_MODALITIES), E] with one row per modality.
+            shape = (len(BIAS_MODALITIES), num_experts) if self.bias_per_modality else (num_experts,)
+            self.register_buffer("expert_bias", torch.zeros(shape))
+            self.register_buffer("_bias_load", torch.zeros(shape), persistent=False)
         self.num_shared_experts = num_shared_experts
         self.shared_experts = (Experts(1, dim, num_shared_experts * self.hidden_dim, act_layer=act_layer, bias=bias,
                                        implementation="loop", expert_type=expert_type) if num_shared_experts else None)
@@ -301,13 +313,23 @@ class SparseMoE(nn.Module):
         layer does not balance by bias)."""
         if self.balance != "bias":
             return None
-        load_E = self._bias_load.clone()
+        load_E = self._bias_load.clone()  # [E], or [modalities, E]
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(load_E, group=group)
         self._bias_load.zero_()
-        if load_E.sum() > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        # each row (modality) against its own mean; a row no token used this step stays
+        seen = load_E.sum(-1, keepdim=True) > 0
+        self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean(-1, keepdim=True) - load_E) * seen
         return load_E
+
+    def _bias_row(self, modality: str | None) -> int:
+        """The row of a per-modality expert bias that a call's tokens use."""
+        if modality not in BIAS_MODALITIES:
+            raise ConfigError(
+                f"this layer balances by a bias per modality (bias_per_modality=True, rows {BIAS_MODALITIES}), so each "
+                f"call needs its modality; got {modality!r}: call it under routing_context(modality=...) or pass modality="
+            )
+        return BIAS_MODALITIES.index(modality)
 
     def extra_repr(self) -> str:
         o = self.options
@@ -316,6 +338,7 @@ class SparseMoE(nn.Module):
             f"capacity_factor={o.capacity_factor}, batch_priority={o.batch_priority}, noise_scale={self.noise_scale}, gate={self.gate}, "
             f"eval_routing={self.eval_routing}"
             + (f", balance=bias, bias_update_rate={self.bias_update_rate}" if self.balance == "bias" else "")
+            + (", bias_per_modality=True" if self.bias_per_modality else "")
             + (f", num_shared_experts={self.num_shared_experts}, shared_expert_gate={self.shared_gate is not None}"
                if self.num_shared_experts else "")
         )
@@ -371,12 +394,14 @@ class SparseMoE(nn.Module):
             t_T = torch.cat([t_T, t_T.new_full((pad, *t_T.shape[1:]), fill)])
         return t_T.reshape(-1, S, *t_T.shape[1:])
 
-    def _assign(self, gates_GSE, mask_GS, opts: RoutingOptions, capacity_factor: float | None, per_group: bool = False):
+    def _assign(self, gates_GSE, mask_GS, opts: RoutingOptions, capacity_factor: float | None, per_group: bool = False,
+                bias_E: torch.Tensor | None = None):
         """Flat routing over all choices of all groups: token_N (index into the padded token
         list), expert_N, group_N, slot_N (position in the group's buffer of that expert,
         -1 if dropped), weight_N, and the capacity per group and expert (None: dropless).
         With `per_group` each group's capacity comes from its own real tokens (per-example
-        evaluation); otherwise from the real tokens of the fullest group."""
+        evaluation); otherwise from the real tokens of the fullest group. `bias_E`: the selection
+        bias, [E] or one row per token [G, S, E] (auxiliary-loss-free balancing)."""
         G, S, E = gates_GSE.shape
         device = gates_GSE.device
         K = self.top_k if self.router_name != "expert_choice" else 1
@@ -409,7 +434,6 @@ class SparseMoE(nn.Module):
 
         keep_GSK = None
         scale_GS1 = None
-        bias_E = self.expert_bias if self.balance == "bias" else None
         if self.router_name == "gshard" or self.gate == "topk_softmax":
             # Weights normalised over the selected top-k before any is dropped: GShard's
             # g_k / (g1 + g2), and Mixtral's softmax over the top-k logits (the same thing).
@@ -447,7 +471,8 @@ class SparseMoE(nn.Module):
         S, per_group = max(min(self.group_size or T, T), 1), False
         if not self.training and self.eval_routing == "per_example" and x.ndim >= 3:
             S, per_group = max(T // max(x.shape[0], 1), 1), True  # one example ([B, ...tokens, D]), one group
-        out_TD, r = self._dispatch(x_TD, mask_T, S, opts, self._capacity_factor(opts), per_group)
+        bias_row = self._bias_row(modality) if self.bias_per_modality else None
+        out_TD, r = self._dispatch(x_TD, mask_T, S, opts, self._capacity_factor(opts), per_group, bias_row)
         out_TD = self._add_shared(out_TD, x_TD)
         if self.capture is not None:  # per-token routing, for pictures (vlmoe.eval.routing)
             expert_T, kept_T = self._top1_kept(r, T)
@@ -495,7 +520,10 @@ class SparseMoE(nn.Module):
         U = x_UD.shape[0]
         mask_U = torch.ones(U, dtype=torch.bool, device=x_UD.device)
         S = max(min(self.group_size or U, U), 1)
-        out_UD, r = self._dispatch(x_UD, mask_U, S, opts, self._capacity_factor(opts), False)
+        bias_row = None
+        if self.bias_per_modality:  # each token selects with its own modality's bias
+            bias_row = torch.tensor([self._bias_row(m) for m in flats], device=owner_U.device).index_select(0, owner_U)
+        out_UD, r = self._dispatch(x_UD, mask_U, S, opts, self._capacity_factor(opts), False, bias_row)
         self._record("joint", self._aux(r, mask_U, S, opts, losses=_UNION_LOSSES))
         if self.capture is not None:
             expert_U, kept_U = self._top1_kept(r, U)
@@ -544,8 +572,10 @@ class SparseMoE(nn.Module):
             raise ConfigError(f"token mask must have shape {tuple(x.shape[:-1])} (input without its last dim); got {tuple(mask.shape)}")
         return x_TD, mask.reshape(T).to(torch.bool)
 
-    def _dispatch(self, x_TD, mask_T, S, opts, capacity_factor, per_group):
-        """Route the tokens x_TD in groups of S, run the experts, combine: (out_TD, _Routed)."""
+    def _dispatch(self, x_TD, mask_T, S, opts, capacity_factor, per_group, bias_row=None):
+        """Route the tokens x_TD in groups of S, run the experts, combine: (out_TD, _Routed).
+        bias_row: with a per-modality expert bias, the row the tokens use (an int, or one per
+        token [T])."""
         E, D = self.num_experts, self.dim
         logits_TE = self.router_logits(x_TD)
         if not _all_finite(logits_TE):
@@ -562,12 +592,25 @@ class SparseMoE(nn.Module):
         gates_GSE = self._group(gates_TE, S, 0.0)
         mask_GS = self._group(mask_T, S, False)
         G = gates_GSE.shape[0]
-        token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts, capacity_factor, per_group)
+        bias = None
+        if self.balance == "bias":
+            bias = self.expert_bias
+            if self.bias_per_modality:
+                bias = bias[bias_row] if isinstance(bias_row, int) else self._group(bias.index_select(0, bias_row), S, 0.0)
+        token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts, capacity_factor, per_group,
+                                                                              bias)
         if self.balance == "bias" and self.training and not _in_backward():
             # the load the routing asked of each expert (choices of real tokens, dropped or
-            # not); a checkpointed forward recomputed in backward is not counted twice
+            # not), per modality with a per-modality bias; a checkpointed forward recomputed in
+            # backward is not counted twice
             chosen_N = mask_GS.reshape(-1).index_select(0, token_N)
-            self._bias_load += torch.bincount(expert_N[chosen_N], minlength=E).to(self._bias_load.dtype)
+            cell_N = expert_N[chosen_N]
+            if self.bias_per_modality:
+                row_N = (torch.full_like(cell_N, bias_row) if isinstance(bias_row, int)
+                         else self._group(bias_row, S, 0).reshape(-1).index_select(0, token_N[chosen_N]))
+                cell_N = row_N * E + cell_N
+            load = torch.bincount(cell_N, minlength=self._bias_load.numel())
+            self._bias_load += load.view_as(self._bias_load).to(self._bias_load.dtype)
 
         kept_M = (slot_N >= 0).nonzero().squeeze(1)
         token_M, expert_M, weight_M = token_N[kept_M], expert_N[kept_M], weight_N[kept_M]

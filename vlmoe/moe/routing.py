@@ -136,9 +136,9 @@ def route(
         keep: [S, K] or [G, S, K] bool, False for choices that are not dispatched at all
             (GShard's random second-expert routing); they take no capacity.
         renormalize: divide the kept weights of each token by their sum (sum to 1).
-        selection_bias: [E] added to the gates to choose each token's experts only
-            (auxiliary-loss-free balancing, DeepSeek-V3); the combine weights and the BPR
-            priority stay the unbiased gates of the chosen experts.
+        selection_bias: [E] (or one row per token, gates' shape) added to the gates to choose
+            each token's experts only (auxiliary-loss-free balancing, DeepSeek-V3); the combine
+            weights and the BPR priority stay the unbiased gates of the chosen experts.
     """
     squeeze = gates.ndim == 2
     gates_GSE = _check_gates(gates)
@@ -157,9 +157,11 @@ def route(
     if selection_bias is None:
         combine_GSK, expert_GSK = top_k_gates(gates_GSE, K)
     else:
-        if selection_bias.shape != (E,):
-            raise ConfigError(f"selection_bias must have one value per expert ({E}); got shape {tuple(selection_bias.shape)}")
-        _, expert_GSK = top_k_gates(gates_GSE + selection_bias.to(gates_GSE.dtype), K)
+        if selection_bias.shape != (E,) and selection_bias.shape != gates.shape:
+            raise ConfigError(f"selection_bias must have one value per expert ({E}) or the gates' shape {tuple(gates.shape)}; "
+                              f"got shape {tuple(selection_bias.shape)}")
+        bias = selection_bias.to(gates_GSE.dtype)
+        _, expert_GSK = top_k_gates(gates_GSE + (bias.reshape(gates_GSE.shape) if bias.ndim > 1 else bias), K)
         combine_GSK = gates_GSE.gather(-1, expert_GSK)
     valid_GSK = torch.ones(G, S, K, dtype=torch.bool, device=device)
     if mask is not None:

@@ -22,6 +22,7 @@ from ..eval.routing import effective_experts, modality_bars, write_routing_repor
 from ..models.factory import get_tokenizer as open_clip_tokenizer
 from .pictures import routing_picture
 from ..errors import ConfigError
+from ..moe.layer import BIAS_MODALITIES
 
 __all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport"]
 
@@ -269,7 +270,12 @@ class LIMoEModule(L.LightningModule):
             load = m.update_bias()
             if load is not None and load.sum() > 0:
                 stats[f"moe/layer{i}/bias_max_abs"] = m.expert_bias.abs().max()
-                stats[f"moe/layer{i}/load_max_over_mean"] = load.max() / load.mean()
+                if load.ndim == 1:
+                    stats[f"moe/layer{i}/load_max_over_mean"] = load.max() / load.mean()
+                else:  # one row per modality (vlmoe.moe.layer.BIAS_MODALITIES)
+                    for modality, row in zip(BIAS_MODALITIES, load):
+                        if row.sum() > 0:
+                            stats[f"moe/layer{i}/load_max_over_mean/{modality}"] = row.max() / row.mean()
         if stats:
             self.log_dict(stats, batch_size=1)
 
