@@ -41,6 +41,9 @@ VARIANTS = {
     "limoe-tiny-soft": ("limoe-tiny-soft", None),
     "limoe-tiny-auxfree": ("limoe-tiny-auxfree", None),
     "limoe-tiny-auxfree-modality": ("limoe-tiny-auxfree-modality", None),
+    # DeepSeek-V3's rate (1e-3) moves the bias at most 0.25 in 250 steps: too little to flip softmax gates
+    "limoe-tiny-auxfree, rate 0.01": ("limoe-tiny-auxfree", {"moe": {"bias_update_rate": 0.01}}),
+    "limoe-tiny-auxfree-modality, rate 0.01": ("limoe-tiny-auxfree-modality", {"moe": {"bias_update_rate": 0.01}}),
     "limoe-tiny-shared": ("limoe-tiny-shared", None),
     "limoe-tiny-fine": ("limoe-tiny-fine", None),
 }
@@ -53,7 +56,9 @@ PAIRS = [("limoe-tiny", "clip-tiny"), ("limoe-tiny, joint", "clip-tiny"), ("limo
          ("limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"),
          ("limoe-tiny, joint, text tau log 4", "limoe-tiny, joint"), ("limoe-tiny", "limoe-tiny, no entropy losses"),
          ("limoe-tiny, BPR, cf 0.5", "limoe-tiny, vanilla, cf 0.5")] + [
-    (d, b) for d in DESIGNS for b in ("limoe-tiny", "clip-tiny")] + [("limoe-tiny-auxfree-modality", "limoe-tiny-auxfree")]
+    (d, b) for d in DESIGNS for b in ("limoe-tiny", "clip-tiny")] + [("limoe-tiny-auxfree-modality", "limoe-tiny-auxfree")] + [
+    (f"{d}, rate 0.01", b) for d in ("limoe-tiny-auxfree", "limoe-tiny-auxfree-modality") for b in ("limoe-tiny", "clip-tiny", d)] + [
+    ("limoe-tiny-auxfree-modality, rate 0.01", "limoe-tiny-auxfree, rate 0.01")]
 
 
 def mean_std(xs: list[float], fmt: str) -> str:
