@@ -132,6 +132,8 @@ def test_bad_input_and_expert_parallelism_refused():
         layer().shard_experts(None)
     with pytest.raises(ConfigError, match="router='soft'"):
         vlmoe.create_model("limoe-tiny-soft", moe={"balance": "bias"})
+    with pytest.raises(ConfigError, match="router='soft'"):  # not silently dropped
+        vlmoe.create_model("limoe-tiny-soft", moe={"bias_per_modality": True})
 
 
 @pytest.mark.parametrize("name", ["limoe-tiny-soft", "limoe-tiny-auxfree", "limoe-tiny-auxfree-modality", "limoe-tiny-shared",

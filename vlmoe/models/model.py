@@ -283,7 +283,7 @@ class VLMoEModel(CLIP):
                         raise ConfigError(f"moe.granularity={g} must divide the expert width {width} of the {tower} tower "
                                           f"(each of the {g}x experts is 1/{g} as wide); choose a divisor of {width}")
                     if cfg.router == "soft":
-                        if cfg.balance != "loss" or cfg.top_k != 1:
+                        if cfg.balance != "loss" or cfg.bias_per_modality or cfg.top_k != 1:
                             raise ConfigError("router='soft' (Soft MoE) has no per-token expert choice: leave top_k=1 and "
                                               "balance='loss' (it needs no balancing)")
                         return SoftMoE(dim, width // g, num_experts=kw["num_experts"], slots_per_expert=cfg.slots_per_expert,

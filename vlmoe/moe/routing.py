@@ -96,12 +96,16 @@ def top_k_gates(gates_GSE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torc
     """Top-k gate values and experts, in descending order, ties broken towards the lower
     expert index (as jax.lax.top_k does), which `torch.topk` does not promise.
 
-    top-1 is an argmax (which returns the first maximum); top-k a `torch.topk`, whose rows
-    with a tie (two equal values among the chosen, or an unchosen expert equal to the k-th)
-    are redone with a stable sort, so the result is always the stable sort's."""
+    top-1 is an argmax (which returns the first maximum); top-k on CPU a `torch.topk`, whose
+    rows with a tie (two equal values among the chosen, or an unchosen expert equal to the
+    k-th) are redone with a stable sort, so the result is always the stable sort's (elsewhere
+    the stable sort itself, without a host sync)."""
     if top_k == 1:
         index = gates_GSE.argmax(-1, keepdim=True)
         return gates_GSE.gather(-1, index), index
+    if gates_GSE.device.type != "cpu":  # finding the tied rows would cost a host sync; sorting on a GPU is cheap
+        values, index = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
+        return values[..., :top_k], index[..., :top_k]
     values, index = torch.topk(gates_GSE, top_k, dim=-1)
     with torch.no_grad():
         tied = ((gates_GSE >= values[..., -1:]).sum(-1) > top_k) | (values[..., 1:] == values[..., :-1]).any(-1)
