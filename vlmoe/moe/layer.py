@@ -592,11 +592,12 @@ class SparseMoE(nn.Module):
         gates_GSE = self._group(gates_TE, S, 0.0)
         mask_GS = self._group(mask_T, S, False)
         G = gates_GSE.shape[0]
-        bias = None
+        bias = row = None
         if self.balance == "bias":
             bias = self.expert_bias
-            if self.bias_per_modality:
-                bias = bias[bias_row] if isinstance(bias_row, int) else self._group(bias.index_select(0, bias_row), S, 0.0)
+            if self.bias_per_modality:  # the tokens' rows: one int, or [G, S]
+                row = bias_row if isinstance(bias_row, int) else self._group(bias_row, S, 0)
+                bias = bias[row]  # [E] or [G, S, E]
         token_N, expert_N, group_N, slot_N, weight_N, capacity = self._assign(gates_GSE, mask_GS, opts, capacity_factor, per_group,
                                                                               bias)
         if self.balance == "bias" and self.training and not _in_backward():
@@ -606,9 +607,7 @@ class SparseMoE(nn.Module):
             chosen_N = mask_GS.reshape(-1).index_select(0, token_N)
             cell_N = expert_N[chosen_N]
             if self.bias_per_modality:
-                row_N = (torch.full_like(cell_N, bias_row) if isinstance(bias_row, int)
-                         else self._group(bias_row, S, 0).reshape(-1).index_select(0, token_N[chosen_N]))
-                cell_N = row_N * E + cell_N
+                cell_N = (row if isinstance(row, int) else row.reshape(-1).index_select(0, token_N[chosen_N])) * E + cell_N
             load = torch.bincount(cell_N, minlength=self._bias_load.numel())
             self._bias_load += load.view_as(self._bias_load).to(self._bias_load.dtype)
 

@@ -110,12 +110,11 @@ def top_k_gates(gates_GSE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torc
     with torch.no_grad():
         tied = ((gates_GSE >= values[..., -1:]).sum(-1) > top_k) | (values[..., 1:] == values[..., :-1]).any(-1)
         rows = tied.nonzero(as_tuple=True)
-        if rows[0].numel():
-            stable = torch.sort(gates_GSE[rows], dim=-1, descending=True, stable=True).indices[..., :top_k]
-            index = index.index_put(rows, stable)
-    if rows[0].numel():
-        values = gates_GSE.gather(-1, index)
-    return values, index
+    if not rows[0].numel():
+        return values, index
+    stable = torch.sort(gates_GSE[rows].detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    index = index.index_put(rows, stable)
+    return gates_GSE.gather(-1, index), index
 
 
 def route(
