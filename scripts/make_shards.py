@@ -36,7 +36,7 @@ from PIL import Image
 
 from vlmoe.cli import run_console
 from vlmoe.data import ShardWriter
-from vlmoe.errors import DataError, NotFound
+from vlmoe.errors import DataError, NotFound, make_output_folder
 
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the training pipeline reads as is
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -244,8 +244,8 @@ def benchmark(a) -> int:
 
     report = Report()
     templates = load_templates(a.templates)
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
+    out = make_output_folder(a.out)
+    if any(out.iterdir()):
         if not a.overwrite:
             raise DataError(f"the output folder {out} is not empty: use an empty folder, or --overwrite to replace this "
                             f"command's files there")
@@ -293,7 +293,10 @@ def prepare_output(out: str, kind: str, overwrite: bool) -> None:
         raise DataError(f"--out needs a %d-style field for the shard number, e.g. out/train-%06d.tar; got {out!r}")
     folder = Path(out).parent
     if not folder.exists():
+        make_output_folder(folder)
         return
+    if not folder.is_dir():
+        make_output_folder(folder)  # raises: the folder is a file
     existing = [p for p in folder.iterdir()]
     if not existing:
         return

@@ -622,7 +622,7 @@ def test_small_api_checks():
                          ({"num_experts": "8"}, "num_experts must be an integer >= 1; got '8'"),
                          ({"capacity_factor": "1.0"}, "capacity_factor must be a number > 0"),
                          ({"multiple_of": -4}, "multiple_of must be an integer >= 0"),
-                         ({"modality_overrides": {"text": {"capacity_factor": "2"}}}, "capacity_factor must be a positive finite number")):
+                         ({"modality_overrides": {"text": {"capacity_factor": "2"}}}, r"capacity_factor \(moe.text\) must be a finite number > 0")):
         with pytest.raises(ConfigError, match=says):
             SparseMoE(8, **kwargs)
     with pytest.raises(ConfigError, match="dim must be an integer >= 1; got 0"):

@@ -34,11 +34,14 @@ def run_console(main, prog: str, argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except SIGTERMException as e:  # a SystemExit(None) that Lightning raises on SIGTERM: not a success
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGTERM)  # vlmoe.train.module.SignalStop: SIGINT
         ckpt = getattr(e, "checkpoint", None)
         where = f" at step {e.step}" if hasattr(e, "step") else ""
-        saved = f"; saved {ckpt} (resume with --ckpt_path {ckpt})" if ckpt else ""
-        print(f"{prog}: stopped by SIGTERM{where}{saved}", file=sys.stderr, flush=True)
-        return 143
+        saved = f"; saved {ckpt} (resume with --ckpt_path {ckpt})" if ckpt else ("; nothing saved (no step had run)" if where else "")
+        print(f"{prog}: stopped by {signal.Signals(signum).name}{where}{saved}", file=sys.stderr, flush=True)
+        return 128 + int(signum)
     except VLMoEError as e:
         if debug:
             raise
@@ -48,6 +51,25 @@ def run_console(main, prog: str, argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def parse_device(spec: str, flag: str = "--device") -> str:
+    """A device string torch knows and this machine has, or one ConfigError line."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{flag} {spec!r} is not a device name torch knows: use cpu, cuda, cuda:N or mps") from None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(device.type, getattr(torch, device.type, None))
+    if device.type != "cpu":
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ConfigError(f"{flag} {spec}: this machine has no {device.type} device that torch can use; use {flag} cpu")
+        count = getattr(backend, "device_count", None)
+        if device.index is not None and count is not None and device.index >= count():
+            raise ConfigError(f"{flag} {spec}: this machine has {count()} {device.type} device(s), numbered from 0")
+    return spec
 
 
 def vlmoe_console() -> None:
@@ -187,7 +209,7 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     from .eval.sweep import RoutingMeter, eval_overrides, image_flops_without_experts, plot_sweep
     from .eval.zeroshot import build_classifier, evaluate_zeroshot
     from .models import get_tokenizer
-    from .models.factory import load_model
+    from .models.factory import load_model, warn_random_weights
 
     p = argparse.ArgumentParser(prog="vlmoe-zeroshot", description=zeroshot_main.__doc__)
     p.add_argument("--model", action="append", required=True,
@@ -212,6 +234,12 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {a.batch_size}")
+    if a.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0 (0: load in this process); got {a.num_workers}")
+    parse_device(a.device)
+    if a.eval_routing == "dropless" and a.eval_capacity_factor is not None:
+        raise ConfigError("--eval-capacity-factor has no effect with --eval-routing dropless (dropless routing has no "
+                          "capacity): drop one of them")
     for cf in [a.eval_capacity_factor, *(a.capacity_factor or [])]:
         if cf is not None and not cf > 0:
             raise ConfigError(f"a capacity factor must be > 0; got {cf:g}")
@@ -220,6 +248,7 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     classnames, templates = load_classnames(a.classnames), load_templates(a.templates)
     results = []
     for spec in a.model:
+        warn_random_weights("vlmoe-zeroshot", spec)
         model = load_model(spec).to(a.device).eval()
         model.set_eval_routing(a.eval_routing, a.eval_capacity_factor)
         if a.capacity_factor and model.moe_config is not None and model.moe_layers()[0].eval_routing == "dropless":
@@ -283,7 +312,7 @@ def routing_main(argv: list[str] | None = None) -> dict:
     from .eval.routing import write_routing_report
     from .eval.sweep import short_label
     from .models import get_tokenizer
-    from .models.factory import load_model
+    from .models.factory import load_model, warn_random_weights
 
     p = argparse.ArgumentParser(prog="vlmoe-routing", description=routing_main.__doc__)
     p.add_argument("--model", required=True, help="as vlmoe-zeroshot --model")
@@ -296,6 +325,12 @@ def routing_main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.samples < 1 or a.num_pictures < 1:
         raise ConfigError(f"--samples and --num-pictures must be >= 1; got {a.samples} and {a.num_pictures}")
+    from pathlib import Path
+
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ConfigError(f"--out {a.out} is a file: vlmoe-routing writes a folder of pictures and routing.json; name a folder")
+    parse_device(a.device)
+    warn_random_weights("vlmoe-routing", a.model)
     model = load_model(a.model).to(a.device).eval()
     if model.moe_config is None:
         raise ConfigError(f"{a.model} has no MoE layers: there is no routing to show (a dense model?)")

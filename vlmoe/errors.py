@@ -8,7 +8,7 @@ caught those before keeps working.
 """
 from __future__ import annotations
 
-__all__ = ["VLMoEError", "ConfigError", "DataError", "CheckpointError", "NotFound"]
+__all__ = ["VLMoEError", "ConfigError", "DataError", "CheckpointError", "NotFound", "make_output_folder"]
 
 
 class VLMoEError(ValueError):
@@ -29,3 +29,20 @@ class CheckpointError(VLMoEError):
 
 class NotFound(VLMoEError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+def make_output_folder(path, what: str = "the output folder"):
+    """Create `path` as a folder (parents too), or raise one ConfigError line: `path` is a
+    file, a parent of it is a file, or the folder cannot be created."""
+    from pathlib import Path
+
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"is under {p}, which is a file"
+            raise ConfigError(f"{what} {path} {where}: name a folder (new or existing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {what} {path}: {e.strerror}") from None
+    return path

@@ -6,10 +6,10 @@ import logging
 import lightning as L
 import open_clip
 import torch
-from torch.utils.data import DataLoader
 
 from ..models.factory import resolve_config
 from .pipeline import collate, make_dataset
+from .watch import WatchedLoader
 from .shards import count_samples, expand_shards
 from .text import load_classnames, load_templates
 from ..errors import ConfigError, DataError
@@ -49,6 +49,9 @@ class ClipDataModule(L.LightningDataModule):
         samples_per_epoch: training samples per epoch, all devices together.
         shuffle_buffer: training shuffle buffer (samples per worker).
         seed: data seed (shard resampling and shuffling).
+        timeout: seconds without a batch before the run stops with an error naming the
+            shards (a stalled `pipe:` command, a hung mount); a note is printed every
+            min(60, timeout / 4) s while waiting.
     """
 
     def __init__(
@@ -67,8 +70,11 @@ class ClipDataModule(L.LightningDataModule):
         samples_per_epoch: int = 100_000,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        timeout: float = 600.0,
     ):
         super().__init__()
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ConfigError(f"--data.timeout must be a number of seconds > 0; got {timeout!r}")
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("num_workers", num_workers),
                             ("samples_per_epoch", samples_per_epoch), ("shuffle_buffer", shuffle_buffer)):
             low = 0 if name in ("num_workers", "shuffle_buffer") else 1
@@ -80,7 +86,7 @@ class ClipDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shuffle_buffer, self.seed, self.timeout = shuffle_buffer, seed, float(timeout)
         self.image_size, self.context_length = model_input_spec(model_name)
         # Everything a user can get wrong about the data is checked here, before any work.
         self.urls = {}
@@ -110,10 +116,12 @@ class ClipDataModule(L.LightningDataModule):
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
-    def _loader(self, ds, batch_size, train):
-        return DataLoader(
+    def _loader(self, ds, batch_size, train, name):
+        what = {"train": "training", "val": "validation", "zeroshot": "zero-shot validation"}.get(name, name.replace("_", " "))
+        return WatchedLoader(
             ds, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
             drop_last=train, persistent_workers=False, pin_memory=False,
+            what=what, sources=self.urls[name], timeout_s=self.timeout,
         )
 
     def _check_epoch(self, world_size: int) -> int:
@@ -140,7 +148,7 @@ class ClipDataModule(L.LightningDataModule):
         ds = make_dataset(self.urls["train"], self.train_transform, self.tokenizer, train=True,
                           shuffle_buffer=self.shuffle_buffer, seed=self.seed + step, samples_per_worker=per_worker,
                           **self._rank())
-        return self._loader(ds, self.batch_size, train=True)
+        return self._loader(ds, self.batch_size, True, "train")
 
     def _rank(self) -> dict:
         return {"rank": self.trainer.global_rank if self.trainer is not None else 0, "world_size": self._world()}
@@ -169,11 +177,11 @@ class ClipDataModule(L.LightningDataModule):
         if retrieval in self.urls:
             ds = make_dataset(self.urls[retrieval], self.eval_transform, self.tokenizer, train=False,
                               **self._rank(), **self._equalizer(retrieval, labelled=False))
-            loaders.append(self._loader(ds, self.val_batch_size, False))
+            loaders.append(self._loader(ds, self.val_batch_size, False, retrieval))
         if zeroshot in self.urls:
             ds = make_dataset(self.urls[zeroshot], self.eval_transform, None, train=False, need_text=False,
                               need_label=True, **self._rank(), **self._equalizer(zeroshot, labelled=True))
-            loaders.append(self._loader(ds, self.val_batch_size, False))
+            loaders.append(self._loader(ds, self.val_batch_size, False, zeroshot))
         return loaders
 
     def val_dataloader(self):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..errors import DataError
 from .shards import IMAGE_KEYS
+from . import watch as _watch  # noqa: F401 - registers the pipe: opener that no child outlives (DataLoader workers too)
 
 __all__ = ["decode_samples", "make_dataset", "equalize_stream", "log_and_continue", "StreamGuard", "SKIP_REASONS", "to_rgb"]
 
@@ -56,18 +57,28 @@ def log_and_continue(exn: Exception) -> bool:
 class StreamGuard:
     """Stops an endless (resampled) training stream that cannot yield a sample, instead of
     spinning forever: empty, zero-byte or non-tar shards, failing `pipe:` commands, shards
-    whose every sample is corrupt. It raises a DataError once every shard has been read since
-    the last sample came out (or after 10 x shards + 10 reads, whichever comes first).
+    whose every sample is corrupt.
 
-    `shards` sits after the shard list, `samples` right after tar reading (before the
-    shuffle buffer, which would delay the signal), and `decoded` after decoding (all-corrupt
-    shards yield raw samples but nothing usable)."""
+    * `shards` (after the shard list) raises once every shard has been read since the last
+      raw sample came out (or after 10 x shards + 10 reads);
+    * `samples` (right after tar reading, before the shuffle buffer, which would delay the
+      signal) notes which shards gave raw samples;
+    * `decoded` (after decoding) raises only when at least `min_run` samples in a row were
+      skipped AND every shard has given a skipped sample (or no sample at all) since the last
+      good one. A run of 64 bad samples in a stream with a share p of bad ones has
+      probability p**64 (1e-64 at p = 10%), so mostly-good shards never stop; all-corrupt
+      ones stop after at most a few hundred samples. It also takes the skip markers out of
+      the stream, carrying their counts on the next good sample, so no training batch is
+      ever made of markers alone."""
+
+    min_run = 64
 
     def __init__(self, urls: list[str]):
         self.urls = list(dict.fromkeys(urls))
         self.reads = 0
         self.read_since_sample: set[str] = set()
-        self.bad_since_good: set[str] = set()
+        self.opened: set[str] = set()
+        self.gave: set[str] = set()
 
     def _names(self) -> str:
         shown = ", ".join(self.urls[:3]) + (f" ... ({len(self.urls)} shards)" if len(self.urls) > 3 else "")
@@ -84,31 +95,47 @@ class StreamGuard:
                 )
             self.reads += 1
             self.read_since_sample.add(item["url"])
+            self.opened.add(item["url"])
             yield item
 
     def samples(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
             self.reads = 0
             self.read_since_sample.clear()
+            self.gave.add(sample.get("__url__"))
             yield sample
 
     def decoded(self, src: Iterator[dict]) -> Iterator[dict]:
-        reasons: dict[str, int] = {}
+        pending: dict = {"skipped": 0, "skip_reasons": {}, "unreadable": [], "urls": set()}
+        bad_since_good: set[str] = set()
         for sample in src:
-            if sample.get("image") is not None:
-                self.bad_since_good.clear()
-                reasons = {}
-            else:
-                for k, v in sample.get("skip_reasons", {}).items():
-                    reasons[k] = reasons.get(k, 0) + v
-                self.bad_since_good.update(sample.get("bad_urls", ()))
-                if len(self.bad_since_good) >= len(self.urls):
-                    why = ", ".join(f"{k} {v}" for k, v in reasons.items())
+            if sample.get("image") is None:  # a marker: counted, carried on, never yielded
+                _merge_report(pending, sample)
+                bad_since_good.update(sample.get("bad_urls", ()))
+                unusable = bad_since_good | (self.opened - self.gave)
+                if pending["skipped"] >= self.min_run and unusable >= set(self.urls):
+                    why = ", ".join(f"{k} {v}" for k, v in pending["skip_reasons"].items())
                     raise DataError(
                         f"the training shards hold no usable sample: every sample read from all {len(self.urls)} shards "
                         f"was skipped ({why}) ({self._names()}). Check the images and captions in --data.train_shards"
                     )
+                continue
+            if pending["skipped"] or pending["unreadable"] or pending["urls"]:
+                _merge_report(sample, pending)
+                pending = {"skipped": 0, "skip_reasons": {}, "unreadable": [], "urls": set()}
+            bad_since_good.clear()
             yield sample
+
+
+def _merge_report(into: dict, other: dict) -> None:
+    """Add `other`'s skip counts, unreadable shards and shards read to `into`."""
+    into["skipped"] = into.get("skipped", 0) + other.get("skipped", 0)
+    reasons = into["skip_reasons"] = dict(into.get("skip_reasons", {}))
+    for k, v in other.get("skip_reasons", {}).items():
+        reasons[k] = reasons.get(k, 0) + v
+    into["unreadable"] = list(dict.fromkeys([*into.get("unreadable", ()), *other.get("unreadable", ())]))
+    urls = set(into.get("urls", ())) | set(other.get("urls", ()))
+    into["urls"] = urls if isinstance(into.get("urls"), set) else sorted(urls)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -160,15 +187,18 @@ def decode_samples(
     need_label: bool = False,
 ) -> Iterator[dict]:
     """Raw webdataset samples -> {"image", "text"?, "label"?, "skipped", "skip_reasons",
-    "unreadable"}: each good sample carries the bad samples (by reason) and the unreadable
-    shards seen since the previous one, so the counts survive DataLoader workers."""
+    "unreadable", "urls"}: each good sample carries the bad samples (by reason), the
+    unreadable shards and the shards read since the previous one, so the counts survive
+    DataLoader workers. Runs of bad samples come out as markers (`image` None) when they
+    span shards, every 256 bad samples, and at the end of the stream."""
     reasons: dict[str, int] = {}
     bad_urls: set[str] = set()
 
-    def report(out: dict) -> dict:
+    def report(out: dict, url: str | None = None) -> dict:
         out["skipped"] = sum(reasons.values())
         out["skip_reasons"] = dict(reasons)
         out["unreadable"] = list(_UNREADABLE)
+        out["urls"] = sorted(bad_urls | ({url} if url else set()))
         _UNREADABLE.clear()
         return out
 
@@ -191,7 +221,7 @@ def decode_samples(
                 yield {**report({"image": None}), "bad_urls": sorted(bad_urls)}
                 reasons, bad_urls = {}, set()
             continue
-        out = report({"image": image_transform(image), "key": sample.get("__key__", "")})
+        out = report({"image": image_transform(image), "key": sample.get("__key__", "")}, sample.get("__url__"))
         reasons, bad_urls = {}, set()
         if need_text:
             out["text"] = tokenizer([text])[0]
@@ -283,7 +313,7 @@ def equalize_stream(
     n = 0
     for sample in src:
         if sample["image"] is None:
-            sample = {**stand_in, **{k: sample[k] for k in ("skipped", "skip_reasons", "unreadable") if k in sample}, "pad": True}
+            sample = {**stand_in, **{k: sample[k] for k in ("skipped", "skip_reasons", "unreadable", "urls") if k in sample}, "pad": True}
         n += 1
         if n > bound:
             raise RuntimeError(
@@ -297,7 +327,7 @@ def equalize_stream(
 
 def collate(samples: list[dict]) -> dict:
     """Stack a batch; `skipped` sums the bad samples seen since the previous batch, markers
-    (bad samples at the end of a stream) included. Padding stand-ins (`equalize_stream`)
+    (bad samples at the end of a stream) included; `urls` lists the shards read. Padding stand-ins (`equalize_stream`)
     are left out; a batch of nothing but stand-ins keeps one, with `valid` all False."""
     good = [s for s in samples if s["image"] is not None and not s.get("pad")]
     out = {"skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples))}
@@ -306,10 +336,13 @@ def collate(samples: list[dict]) -> dict:
         for k, v in s.get("skip_reasons", {}).items():
             reasons[k] = reasons.get(k, 0) + v
     unreadable = [u for s in samples for u in s.get("unreadable", ())]
+    urls = sorted({u for s in samples for u in s.get("urls", ())})
     if reasons:
         out["skip_reasons"] = reasons
     if unreadable:
         out["unreadable"] = unreadable
+    if urls:
+        out["urls"] = urls
     pads = [s for s in samples if s.get("pad")]
     if pads:
         out["valid"] = torch.ones(len(good) or 1, dtype=torch.bool)

@@ -2,6 +2,7 @@
 sample counting and writing shards in img2dataset's layout."""
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import json
@@ -36,6 +37,16 @@ def expand_shards(spec: str | list[str], what: str = "shards") -> list[str]:
     if not urls:
         raise DataError(f"no {what}: {spec!r} expands to an empty list")
     missing = [u for u in urls if _is_local(u) and not _local_path(u).is_file()]
+    globbed = next((u for u in missing if any(c in u for c in "*?[") and glob.glob(u)), None)
+    if globbed:
+        n = len(glob.glob(globbed))
+        raise DataError(
+            f"{what} {globbed!r} is a glob pattern (it matches {n} file(s)); shard lists are brace-expanded, not globbed: "
+            f"write e.g. data/train-{{000000..000099}}.tar, or join several with ::"
+        )
+    folder = next((u for u in missing if _local_path(u).is_dir()), None)
+    if folder:
+        raise DataError(f"{what} {folder!r} is a folder: name the .tar shards in it, e.g. {folder.rstrip('/')}/train-{{000000..000009}}.tar")
     if missing:
         shown = ", ".join(missing[:5]) + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise NotFound(f"{len(missing)} of {len(urls)} {what} not found: {shown}")

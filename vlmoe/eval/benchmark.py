@@ -17,7 +17,7 @@ import sys
 import types
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError, NotFound
 
 __all__ = ["load_vlmoe", "BenchmarkSession", "check_accuracy_works", "main"]
 
@@ -79,6 +79,9 @@ def load_vlmoe(model_name: str, pretrained: str | None = None, cache_dir: str | 
     from ..models.factory import load_model
 
     if pretrained in (None, "", "none", "None"):
+        from ..models.factory import warn_random_weights
+
+        warn_random_weights("vlmoe-benchmark", model_name)
         model = load_model(model_name)
     elif pretrained == _DEFAULT_TAG and not Path(pretrained).exists():
         raise ConfigError(
@@ -135,6 +138,37 @@ def _dump_with_moe(obj, fp, *args, **kwargs):
     return json.dump(obj, fp, *args, **kwargs)
 
 
+def _check_wds_root(root: str, split: str) -> None:
+    """A local --dataset_root for a wds/ dataset must hold CLIP_benchmark's layout (what
+    scripts/make_shards.py benchmark writes): ROOT/SPLIT/*.tar beside ROOT/classnames.txt."""
+    if "://" in root:
+        return  # a remote root (Hugging Face, https): CLIP_benchmark reads it
+    folder = Path(root)
+    hint = "write one with: python scripts/make_shards.py benchmark --shards ... --templates ... --out ROOT"
+    if not folder.is_dir():
+        raise NotFound(f"--dataset_root {root}: no such folder ({hint})")
+    if not list((folder / split).glob("*.tar")):
+        raise DataError(f"--dataset_root {root} has no shards in {folder / split} (expected {split}/0.tar ...; {hint})")
+    if not (folder / "classnames.txt").is_file():
+        raise DataError(f"--dataset_root {root} has no classnames.txt ({hint})")
+
+
+def _check_result_file(path: Path) -> None:
+    """`build` reads result JSONs (files, or folders of them) written by `eval`."""
+    if path.is_dir():
+        for f in sorted(path.glob("*.json")):
+            _check_result_file(f)
+        return
+    if not path.is_file():
+        raise NotFound(f"build: result file not found: {path} (the JSON that vlmoe-benchmark eval --output wrote)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"build: {path} is not a JSON result file ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict) or "model" not in data:
+        raise DataError(f"build: {path} is not a result of vlmoe-benchmark eval (no 'model' and 'metrics')")
+
+
 def _install(cli) -> None:
     """Register the vlmoe model type and the `moe` object in CLIP_benchmark (once)."""
     models = importlib.import_module("clip_benchmark.models")
@@ -150,6 +184,8 @@ def _install(cli) -> None:
         from clip_benchmark.datasets.builder import get_dataset_default_task
 
         name = args.dataset[len("wds/"):] if args.dataset.startswith("wds/") else args.dataset
+        if args.dataset.startswith("wds/"):
+            _check_wds_root(args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-")), args.split)
         task = get_dataset_default_task(name) if args.task == "auto" else args.task
         if task == "zeroshot_classification" and not checked:  # the only task that calls accuracy()
             check_accuracy_works()
@@ -165,6 +201,14 @@ def _install(cli) -> None:
 
     run._vlmoe = True
     cli.run = run
+    build = cli.main_build
+
+    def main_build(base):
+        for path in base.files:
+            _check_result_file(Path(path))
+        return build(base)
+
+    cli.main_build = main_build
     cli.json = types.SimpleNamespace(**{k: getattr(json, k) for k in ("load", "loads", "dumps")}, dump=_dump_with_moe)
 
 

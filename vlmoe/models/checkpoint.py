@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
-from ..errors import ConfigError, CheckpointError, NotFound
+from ..errors import ConfigError, CheckpointError, NotFound, make_output_folder
 
 __all__ = ["read_checkpoint", "read_state_dict", "load_state_dict_strict", "save_pretrained", "CheckpointError", "find_export"]
 
@@ -17,6 +17,11 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
 _ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    return len(head) > 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
 
 
 def _describe_start(head: bytes) -> str:
@@ -39,6 +44,12 @@ def _torch_load(path: Path):
     expected = "expected a PyTorch checkpoint (a .ckpt from vlmoe fit, or a .pt/.bin written by torch.save) or a .safetensors file"
     if not head:
         raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint: was its write interrupted? {expected}")
+    if _is_safetensors(head):
+        raise CheckpointError(
+            f"{path} is a safetensors file (weights only), not a PyTorch checkpoint, whatever its name: rename it to "
+            f"{path.with_suffix('.safetensors').name} and load it as weights (--model.pretrained, load_model, "
+            f"create_model(pretrained=...)); resuming a run (--ckpt_path) needs the .ckpt that vlmoe fit wrote"
+        )
     if not (head.startswith(_ZIP) or head.startswith(_PICKLE)):
         raise CheckpointError(f"{path} is {_describe_start(head)}: {expected}")
     try:
@@ -66,6 +77,9 @@ def _torch_load(path: Path):
 def read_checkpoint(path: str | Path) -> dict:
     """A Lightning / torch checkpoint as a dict (safely loaded), or one clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise NotFound(f"{path} is a folder, not a checkpoint file: name the .ckpt inside it "
+                       f"(vlmoe fit writes <run>/checkpoints/last.ckpt and step*.ckpt)")
     if not path.is_file():
         raise NotFound(f"checkpoint not found: {path}")
     obj = _torch_load(path)
@@ -156,11 +170,10 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], strict
 def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     """vlmoe's export: `path/model.safetensors` (shared tensors stored once) and
     `path/config.json` (the model config, so `create_model(path, pretrained=path)` rebuilds it)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)
     if config is None:
         raise ConfigError("save_pretrained needs a vlmoe model (with a .config); got " + type(model).__name__)
+    path = make_output_folder(path, "the export folder")
     save_model(model, str(path / WEIGHTS_NAME), metadata={"format": "vlmoe"})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path

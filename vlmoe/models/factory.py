@@ -163,6 +163,23 @@ def load_model(spec: str | Path, strict: bool = True) -> VLMoEModel:
     raise AssertionError("unreachable")
 
 
+def has_no_weights(spec: str | Path) -> bool:
+    """True where `load_model(spec)` builds a named model with random weights (a model name,
+    not an export, checkpoint, ARCH@PATH or Hub id)."""
+    spec = str(spec)
+    return not is_hub_id(spec) and "@" not in spec and spec in _configs() and find_export(spec) is None
+
+
+def warn_random_weights(prog: str, spec: str) -> None:
+    """A model name without weights evaluates random initial weights: say so on stderr."""
+    import sys
+
+    if has_no_weights(spec):
+        print(f"{prog}: note: {spec} is a model name, not weights: it is evaluated with random initial weights "
+              f"(pass an export, a .ckpt from vlmoe fit, ARCH@PATH or hf-hub:ORG/NAME for trained ones)",
+              file=sys.stderr, flush=True)
+
+
 def get_tokenizer(model_or_context_length: VLMoEModel | int = 77):
     """open_clip's BPE tokenizer (bundled with open_clip, no download) for the model's
     context length; longer texts are truncated with the end-of-text token kept."""

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, NotFound
+from ..errors import ConfigError, NotFound, VLMoEError
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
 __all__ = ["HF_HUB_PREFIX", "is_hub_id", "parse_hub_id", "hub_cache_dir", "download_export", "write_hub_folder", "push_to_hub",
@@ -41,6 +41,14 @@ def hub_cache_dir(cache_dir: str | Path | None = None) -> str:
     from huggingface_hub import constants
 
     return str(cache_dir or constants.HF_HUB_CACHE)
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """A failure to reach the Hub (no network, DNS, timeouts, offline mode), whichever HTTP
+    library huggingface_hub uses."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectError", "ConnectTimeout", "TransportError", "ConnectionError", "OfflineModeIsEnabled",
+                         "Timeout", "ReadTimeout", "TimeoutException", "NetworkError", "NameResolutionError"})
 
 
 def _offline() -> bool:
@@ -201,10 +209,17 @@ def push_to_hub(model, repo_id: str, *, revision: str | None = None, private: bo
     if getattr(model, "config", None) is None:
         raise ConfigError(f"push_to_hub needs a vlmoe model (with a .config); got {type(model).__name__}")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="vlmoe-hub-") as tmp:
         write_hub_folder(model, tmp, repo_id, training_data, results, license, description)
-        return api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model", revision=revision,
-                                 commit_message=commit_message or "Upload vlmoe model")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            return api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model", revision=revision,
+                                     commit_message=commit_message or "Upload vlmoe model")
+        except Exception as e:  # noqa: BLE001 - only network failures are turned into one line
+            if not _is_network_error(e):
+                raise
+            why = "HF_HUB_OFFLINE is set" if _offline() else f"the Hub cannot be reached ({type(e).__name__})"
+            raise VLMoEError(f"push_to_hub {repo_id}: {why}; nothing was uploaded. Check the network (or HF_ENDPOINT), "
+                             f"unset HF_HUB_OFFLINE, or write the folder with vlmoe.save_pretrained and upload it later") from None

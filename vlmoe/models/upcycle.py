@@ -219,6 +219,20 @@ def load_open_clip(name: str, pretrained: str | None = None, cache_dir: str | No
         logging.getLogger().removeFilter(quiet)
 
 
+def _check_moe_settings(router_init_std: float, layer_kwargs: bool = False, **moe: Any) -> None:
+    """The MoE settings of an upcycling call (MoEConfig fields, or with `layer_kwargs`
+    SparseMoE's keywords), validated the way the layers will validate them (one ConfigError
+    line), on a throwaway 8-wide layer."""
+    import math
+
+    from .model import MoEConfig
+
+    if isinstance(router_init_std, bool) or not isinstance(router_init_std, (int, float)) or not (
+            math.isfinite(router_init_std) and router_init_std >= 0):
+        raise ConfigError(f"router_init_std must be a finite number >= 0; got {router_init_std!r}")
+    SparseMoE(8, 8, **(moe if layer_kwargs else MoEConfig.from_dict(moe).layer_kwargs()))
+
+
 def upcycle_open_clip(
     clip_model_or_checkpoint_path: CLIP | str | Path,
     num_experts: int = 8,
@@ -266,6 +280,9 @@ def upcycle_open_clip(
     """
     if method not in ("copy", "split"):
         raise ConfigError(f"method must be 'copy' or 'split'; got {method!r}")
+    # every MoE setting is checked before any download or checkpoint read
+    _check_moe_settings(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                        normalize_combine_weights=normalize_combine_weights, router_init_std=router_init_std, **moe_kwargs)
     if isinstance(clip_model_or_checkpoint_path, str) and not Path(clip_model_or_checkpoint_path).exists():
         # the config is then inferred from the loaded modules (what open_clip actually built)
         clip_model_or_checkpoint_path = load_open_clip(clip_model_or_checkpoint_path, pretrained, cache_dir)
@@ -339,6 +356,8 @@ def upcycle_timm_vit(
     the MLP of the chosen blocks upcycled into SparseMoE (a V-MoE). Put it into a LIMoE model
     with a timm image tower via `model.visual.trunk.load_state_dict(vit.state_dict(), strict=False)`
     (the classifier head is the only difference)."""
+    _check_moe_settings(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor, layer_kwargs=True,
+                        normalize_combine_weights=normalize_combine_weights, router_init_std=router_init_std, **moe_kwargs)
     if isinstance(vit_or_checkpoint, nn.Module):
         vit = copy.deepcopy(vit_or_checkpoint)
     else:

@@ -90,6 +90,33 @@ def _check_int(name: str, value, minimum: int, hint: str = "") -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}{' ' + hint if hint else ''}; got {value!r}")
 
 
+def _check_real(name: str, value, minimum: float = 0.0, where: str = "") -> None:
+    """A finite number >= minimum ("NaN" as a string, NaN, inf and negatives refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}{where} must be a finite number >= {minimum:g}; got {value!r}")
+
+
+def _check_factor(name: str, value, where: str = "") -> None:
+    """A capacity factor: a finite number > 0 (None, where allowed, is checked by the caller)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}{where} must be a finite number > 0; got {value!r}")
+
+
+_LOSS_WEIGHTS = ("importance_weight", "load_weight", "balance_weight", "z_loss_weight", "local_entropy_weight",
+                 "global_entropy_weight")
+
+
+def _check_options(opts: "RoutingOptions", where: str = "") -> None:
+    if opts.capacity_factor is not None:
+        _check_factor("capacity_factor", opts.capacity_factor, where)
+    if opts.eval_capacity_factor is not None:
+        _check_factor("eval_capacity_factor", opts.eval_capacity_factor, where)
+    for k in _LOSS_WEIGHTS:
+        _check_real(k, getattr(opts, k), 0.0, where)
+    if opts.global_entropy_threshold is not None:
+        _check_real("global_entropy_threshold", opts.global_entropy_threshold, 0.0, where)
+
+
 @dataclass
 class MoEAux:
     """What one SparseMoE call leaves for the training loop."""
@@ -225,7 +252,9 @@ class SparseMoE(nn.Module):
             raise ConfigError("router='expert_choice' needs a capacity_factor (each expert takes C tokens)")
         self.dim, self.hidden_dim = dim, hidden_dim or 4 * dim
         self.num_experts, self.top_k, self.router_name = num_experts, top_k, router
-        self.noise_scale = (1.0 if router == "topk" else 0.0) if noise_scale is None else noise_scale
+        if noise_scale is not None:
+            _check_real("noise_scale", noise_scale)
+        self.noise_scale = (1.0 if router == "topk" else 0.0) if noise_scale is None else float(noise_scale)
         self.group_size, self.multiple_of = group_size, multiple_of
         self.normalize_combine_weights = normalize_combine_weights
         self.gate = gate
@@ -253,10 +282,9 @@ class SparseMoE(nn.Module):
             if unknown:
                 raise ConfigError(f"unknown routing option(s) {sorted(unknown)} for modality {modality!r}; known: {sorted(names)}")
             self.modality_options[modality] = replace(self.options, **overrides)
-        for opts in [self.options, *self.modality_options.values()]:
-            for cf in (opts.capacity_factor, opts.eval_capacity_factor):
-                if cf is not None:
-                    compute_capacity(1, 1, 1, cf)  # validates the factor
+        _check_options(self.options)
+        for modality, opts in self.modality_options.items():
+            _check_options(opts, f" (moe.{modality})")
         self.configure_eval(eval_routing)
 
         self.router = nn.Linear(dim, num_experts, bias=False)
@@ -356,7 +384,7 @@ class SparseMoE(nn.Module):
             self.eval_routing = eval_routing
         change = {}
         if eval_capacity_factor is not None:
-            compute_capacity(1, 1, 1, eval_capacity_factor)  # validates the factor
+            _check_factor("eval_capacity_factor", eval_capacity_factor)
             change["eval_capacity_factor"] = float(eval_capacity_factor)
         if batch_priority is not None:
             change["batch_priority"] = bool(batch_priority)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from ..errors import ConfigError, NotFound
@@ -60,6 +60,15 @@ def _plain(v):
     return v
 
 
+def _config_error(message: str, argv: list[str]) -> str:
+    """jsonargparse's parse error as one line that names the key, and where to look."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    # jsonargparse lists, for a subclass or union type, every alternative it tried: keep the first lines
+    text = " ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+    sub = next((a for a in argv if a in ("fit", "validate", "test")), None)
+    return f"{text} (see: vlmoe {sub + ' ' if sub else ''}--help)"
+
+
 _EVAL_ONLY = ("eval_routing", "eval_capacity_factor")  # how a model evaluates, not what it is
 
 
@@ -85,13 +94,27 @@ class VLMoECLI(LightningCLI):
       architecture than the one configured is refused.
     """
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (no predict: the module has no predict_step)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def init_parser(self, **kwargs):
+        # A parse error is raised, not printed with ~70 lines of usage: parse_arguments turns
+        # it into one ConfigError line (the usage stays with --help).
+        kwargs["exit_on_error"] = False
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.model_name", "data.init_args.model_name" if self.subclass_mode_data else "data.model_name")
 
     # -- --ckpt_path ---------------------------------------------------------------------
     def parse_arguments(self, parser, args) -> None:
         self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise ConfigError(_config_error(str(e), self._raw_args)) from None
 
     def _explicit_model_keys(self, cfg) -> set[str]:
         """Model arguments the user set: in a config file's `model:` section or as a flag."""
@@ -118,8 +141,15 @@ class VLMoECLI(LightningCLI):
             return
         cfg = self.config[sub]
         path = cfg.get("ckpt_path")
+        if sub in ("validate", "test") and not path and not (cfg.get("model") or {}).get("pretrained") and _is_global_zero_process():
+            print(f"vlmoe: note: {sub} without --ckpt_path or --model.pretrained evaluates randomly initialised weights",
+                  file=sys.stderr, flush=True)
         if not path or str(path) in _LIGHTNING_CKPT_KEYWORDS or "://" in str(path):
             return
+        if Path(path).is_dir():
+            found = sorted(Path(path).glob("**/last.ckpt"))
+            hint = f" (e.g. --ckpt_path {found[-1]})" if found else ""
+            raise NotFound(f"--ckpt_path {path} is a folder: name the checkpoint file in it{hint}")
         if not Path(path).is_file():
             raise NotFound(f"--ckpt_path {path}: no such file")
         hp = read_checkpoint(path).get("hyper_parameters") or {}

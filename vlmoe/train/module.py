@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from .pictures import routing_picture
 from ..errors import ConfigError
 from ..moe.layer import BIAS_MODALITIES
 
-__all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport"]
+__all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport", "SignalStop"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,13 +48,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, path)
 
 
+class SignalStop(SIGTERMException):
+    """SIGINT (Ctrl-C) during fit, stopped the way SIGTERM stops it: `last.ckpt` saved, then
+    the console script exits 130 (Lightning's own KeyboardInterrupt path exits 1 and saves
+    nothing)."""
+
+    signum = signal.SIGINT
+
+
 class FinalCheckpoint(Callback):
     """Writes `last.ckpt` when fit ends, however it ends (max_steps, max_epochs, interrupt),
     next to the periodic checkpoints. On SIGTERM (what cluster schedulers send before a
-    kill) it saves `last.ckpt` too; the console script then exits non-zero."""
+    kill) and SIGINT it saves `last.ckpt` too, once a step has run; the console script then
+    exits 143 / 130."""
 
     def __init__(self):
         self.path: Path | None = None
+        self._prev_sigint = None
 
     def _save(self, trainer):
         ckpt = trainer.checkpoint_callback
@@ -60,23 +72,41 @@ class FinalCheckpoint(Callback):
         self.path = dirpath / "last.ckpt"
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state, for resuming
 
+    def on_fit_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                raise SignalStop()
+
+            self._prev_sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    def _restore_sigint(self):
+        if self._prev_sigint is not None:
+            signal.signal(signal.SIGINT, self._prev_sigint)
+            self._prev_sigint = None
+
     def on_train_end(self, trainer, pl_module):
         self._save(trainer)
 
+    def on_fit_end(self, trainer, pl_module):
+        self._restore_sigint()
+
     def on_exception(self, trainer, pl_module, exception):
+        self._restore_sigint()
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            self._save(trainer)
-            exception.checkpoint = str(self.path)
             exception.step = trainer.global_step
+            if trainer.global_step > 0:  # before the first step there is nothing to resume
+                self._save(trainer)
+                exception.checkpoint = str(self.path)
 
 
 class DataReport:
-    """Samples skipped (by reason) and shards that could not be read, over a run: what the
-    one-line summary at the end of fit, validate and test says."""
+    """Samples skipped (by reason), shards that could not be read and shards read, over a
+    run: what the one-line summary at the end of fit, validate and test says."""
 
     def __init__(self):
         self.reasons: dict[str, int] = {}
         self.unreadable: list[str] = []
+        self.read: set[str] = set()
 
     def add(self, batch: dict) -> None:
         for k, v in batch.get("skip_reasons", {}).items():
@@ -84,6 +114,7 @@ class DataReport:
         for u in batch.get("unreadable", ()):
             if u not in self.unreadable:
                 self.unreadable.append(u)
+        self.read.update(batch.get("urls", ()))
 
     def reduced(self, module: L.LightningModule) -> "DataReport":
         """The report summed over ranks (a collective when there are several)."""
@@ -93,27 +124,76 @@ class DataReport:
         counts = torch.tensor([float(self.reasons.get(r, 0)) for r in SKIP_REASONS], device=module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         everyone = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, self.unreadable)
+        torch.distributed.all_gather_object(everyone, (self.unreadable, sorted(self.read)))
         out = DataReport()
         out.reasons = {r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist()) if c}
-        out.unreadable = list(dict.fromkeys(u for part in everyone for u in part))
+        out.unreadable = list(dict.fromkeys(u for part, _ in everyone for u in part))
+        out.read = {u for _, part in everyone for u in part}
         return out
 
-    def line(self, what: str) -> str:
+    def line(self, what: str, shards: list[str] | None = None) -> str:
+        """The summary; `shards` (the run's shard URLs, if known) lets it say whether every
+        shard was read: a resampled training stream may never draw some of them."""
         n = sum(self.reasons.values())
         parts = [f"vlmoe: {what} data: " + (f"{n} samples skipped (" + ", ".join(
             f"{r} {self.reasons[r]}" for r in SKIP_REASONS if self.reasons.get(r)) + ")" if n else "no samples skipped")]
+        expected = set(shards or ())
+        seen = (self.read | set(self.unreadable)) & expected
         if self.unreadable:
             shown = ", ".join(self.unreadable[:5]) + (f" ... and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else "")
             parts.append(f"{len(self.unreadable)} unreadable shard(s): {shown}")
-        else:
+        elif expected and seen >= expected:
             parts.append("every shard read")
+        elif expected:
+            parts.append(f"{len(seen)} of {len(expected)} shards read, none unreadable (the other {len(expected - seen)} "
+                         f"were never drawn, so not checked)")
+        else:
+            parts.append(f"none unreadable among the {len(self.read)} shards read")
+        if self.unreadable and expected and not seen >= expected:
+            parts.append(f"{len(seen)} of {len(expected)} shards read")
         return "; ".join(parts)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/skipped/{r.replace(' ', '_')}": float(self.reasons.get(r, 0)) for r in SKIP_REASONS}
         out[f"{prefix}/unreadable_shards"] = float(len(self.unreadable))
+        out[f"{prefix}/shards_read"] = float(len(self.read))
         return out
+
+
+def _check_training_args(**a) -> None:
+    """One ConfigError line for an optimiser or schedule setting that cannot work."""
+    def real(k):
+        v = a[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"--model.{k} must be a finite number; got {v!r}")
+        return v
+
+    def whole(k, low):
+        v = a[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"--model.{k} must be an integer >= {low}; got {v!r}")
+
+    if not real("lr") > 0:
+        raise ConfigError(f"--model.lr must be > 0; got {a['lr']!r}")
+    for k in ("weight_decay", "aux_loss_weight"):
+        if real(k) < 0:
+            raise ConfigError(f"--model.{k} must be >= 0; got {a[k]!r}")
+    if not real("eps") > 0:
+        raise ConfigError(f"--model.eps must be > 0; got {a['eps']!r}")
+    if not 0 <= real("min_lr_ratio") <= 1:
+        raise ConfigError(f"--model.min_lr_ratio must be in [0, 1]; got {a['min_lr_ratio']!r}")
+    betas = a["betas"]
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"--model.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {betas!r}")
+    whole("warmup_steps", 0)
+    whole("checkpoint_every_n_steps", 1)
+    if a["moe_log_every_n_steps"] is not None:
+        whole("moe_log_every_n_steps", 1)
+
+
+def _plain_hp(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _gather_rows(module: L.LightningModule, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -170,6 +250,9 @@ class LIMoEModule(L.LightningModule):
         moe_log_every_n_steps: int | None = None,
     ):
         super().__init__()
+        _check_training_args(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
+                             min_lr_ratio=min_lr_ratio, aux_loss_weight=aux_loss_weight,
+                             checkpoint_every_n_steps=checkpoint_every_n_steps, moe_log_every_n_steps=moe_log_every_n_steps)
         self.save_hyperparameters()
         self.model = create_model(model_name, pretrained=pretrained, **(model_overrides or {}))
         if grad_checkpointing:
@@ -224,6 +307,50 @@ class LIMoEModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    _OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume with a changed lr, weight_decay, betas or eps: the checkpoint's optimizer
+        and scheduler states (restored right after this hook, over what
+        configure_optimizers built) take the new values, so the run does what the command
+        line says. lr moves the schedule's base (the current multiplier is kept); weight
+        decay changes the decayed group only. The schedule's shape (warmup, min_lr_ratio,
+        max_steps) is rebuilt from the current settings anyway."""
+        old = checkpoint.get("hyper_parameters") or {}
+        hp = self.hparams
+        changed = [k for k in self._OPTIMIZER_KEYS if k in old and _plain_hp(old[k]) != _plain_hp(hp[k])]
+        if not changed or not checkpoint.get("optimizer_states"):
+            return
+        ratio = hp.lr / old["lr"] if "lr" in changed and old["lr"] else None
+        for state in checkpoint["optimizer_states"]:
+            for i, group in enumerate(state.get("param_groups", ())):
+                if ratio is not None:
+                    group["lr"], group["initial_lr"] = group["lr"] * ratio, hp.lr
+                if "weight_decay" in changed and i == 0:  # group 0 decays, group 1 never (configure_optimizers)
+                    group["weight_decay"] = hp.weight_decay
+                if "betas" in changed:
+                    group["betas"] = tuple(hp.betas)
+                if "eps" in changed:
+                    group["eps"] = hp.eps
+        for sched in checkpoint.get("lr_schedulers") or ():
+            if ratio is not None:
+                sched["base_lrs"] = [hp.lr for _ in sched.get("base_lrs", ())]
+                sched["_last_lr"] = [x * ratio for x in sched.get("_last_lr", ())]
+        if self.global_rank == 0:
+            print("vlmoe: the resumed optimizer takes " + ", ".join(f"{k}={_plain_hp(hp[k])} (was {_plain_hp(old[k])})" for k in changed),
+                  file=sys.stderr, flush=True)
+
+    def on_train_start(self) -> None:
+        """Each group's lr from the schedule as it is now configured, at the restored step: a
+        resume with another lr, warmup_steps, min_lr_ratio or max_steps takes its first step
+        on the new schedule instead of the value the old run last set."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * fn(sched.last_epoch)
+                sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
     # -- training -------------------------------------------------------------------------
     def forward(self, images, texts):
@@ -418,12 +545,16 @@ class LIMoEModule(L.LightningModule):
         plt.close(fig)
 
     # -- the end-of-run data summary --------------------------------------------------------
+    _LOADERS = {"train": ("train",), "val": ("val", "zeroshot"), "test": ("test", "zeroshot_test")}
+
     def _summarise_data(self, what: str, keys: tuple[str, ...]) -> None:
         report = DataReport()
         for k in keys:
             part = self.data_report[k].reduced(self)
-            report.add({"skip_reasons": part.reasons, "unreadable": part.unreadable})
-        self.last_data_summary = report.line(what)
+            report.add({"skip_reasons": part.reasons, "unreadable": part.unreadable, "urls": part.read})
+        urls = getattr(self.trainer.datamodule, "urls", None)
+        shards = [u for k in keys for name in self._LOADERS[k] for u in urls.get(name, ())] if isinstance(urls, dict) else None
+        self.last_data_summary = report.line(what, shards)
         if self.global_rank != 0:
             return
         print(self.last_data_summary, file=sys.stderr, flush=True)
