@@ -2,6 +2,7 @@
 written in CLIP_benchmark's local wds layout by scripts/make_shards.py. Run as installed
 scripts, as a user would; CLIP_benchmark's numbers are checked against vlmoe-zeroshot's."""
 import csv
+import math
 import json
 import os
 import subprocess
@@ -114,10 +115,75 @@ def test_clip_benchmark_acc1_equals_vlmoe_zeroshot_top1(layout, models, results,
         real = int((tok(prompts) != 0).sum())
         layers = {(r["layer"], r["modality"]): r for r in moe["layers"]}
         assert {m for _, m in layers} == {"image", "text"}
+        ref_text = _reference_text_routing(model, prompts)
+        assert sorted(n for n, m in layers if m == "text") == sorted(ref_text)
         for (name, modality), r in layers.items():
             assert name.startswith("visual." if modality == "image" else "transformer.")
             assert r["tokens"] == (24 * 65 if modality == "image" else real)
-            assert sum(r["expert_share"]) == pytest.approx(1.0, abs=1e-4) and 1.0 <= r["effective_experts"] <= 8.0
+            if modality == "text":  # issue #24: text numbers against a routing recomputed by hand
+                counts, n, dropped, mean_gate = ref_text[name]
+                assert n == r["tokens"]
+                assert r["expert_share"] == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
+                assert r["dropped_frac"] == pytest.approx(dropped / n, abs=1e-9)
+                assert r["effective_experts"] == pytest.approx(math.exp(-(mean_gate * mean_gate.log()).sum().item()), rel=1e-5)
+        all_text = [ref_text[k] for k in ref_text]
+        text_dropped = sum(d for _, _, d, _ in all_text) / sum(n for _, n, _, _ in all_text)
+        assert text_dropped > 0  # the capacity binds for text too, so a wrong count would show
+        assert moe["dropped_frac"]["text"] == pytest.approx(text_dropped, abs=1e-9)
+
+
+def _reference_text_routing(model_dir, prompts):
+    """Each text MoE layer's routing of the prompts, recomputed by hand from the layer's input:
+    top-1 softmax gates, per-example capacity ceil(n_real * cf / E) rounded up to 4, Batch
+    Prioritized Routing (higher gate first) within each example. {layer name: (kept per
+    expert, real tokens, dropped, mean gate)}."""
+    from vlmoe.moe import SparseMoE
+    from vlmoe.moe.layer import current_routing_context
+
+    model = vlmoe.create_model(str(model_dir)).eval()
+    captured = {}
+
+    def grab(name):
+        def hook(module, args):
+            modality, mask = current_routing_context()
+            if modality == "text":
+                captured[name] = (args[0].detach(), mask)
+        return hook
+
+    text_names = {}  # a layer shared by the towers has a name in each: the text tower's
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, SparseMoE) and name.startswith("transformer."):
+            text_names.setdefault(id(m), (m, name))
+    for m, name in text_names.values():
+        m.register_forward_pre_hook(grab(name))
+    with torch.no_grad():
+        model.encode_text(vlmoe.get_tokenizer(model)(prompts))
+    out = {}
+    for name, (x, mask) in captured.items():
+        layer = model.get_submodule(name)
+        E = layer.num_experts
+        opts = layer.options_for("text")
+        cf = opts.eval_capacity_factor if opts.eval_capacity_factor is not None else opts.capacity_factor
+        assert x.shape[:2] == mask.shape and layer.top_k == 1
+        gates = torch.softmax(x.double() @ layer.router.weight.double().T, -1)
+        counts, n, dropped, gate_sum = torch.zeros(E), 0, 0, torch.zeros(E, dtype=torch.float64)
+        for b in range(x.shape[0]):
+            g = gates[b][mask[b]]
+            cap = math.ceil(len(g) * cf / E)
+            cap = -(-cap // 4) * 4
+            top, expert = g.max(-1)
+            used = [0] * E  # this example's slots taken, per expert
+            for i in sorted(range(len(g)), key=lambda i: -float(top[i])):
+                e = int(expert[i])
+                if used[e] < cap:
+                    used[e] += 1
+                else:
+                    dropped += 1
+            counts += torch.tensor(used, dtype=torch.float32)
+            n += len(g)
+            gate_sum += g.sum(0)
+        out[name] = (counts, n, dropped, (gate_sum / n).float())
+    return out
 
 
 def test_build_and_bad_input(layout, models, results, tmp_path):

@@ -150,13 +150,14 @@ def test_stalled_pipe_source_stops_with_a_message(tmp_path, num_workers):
     assert not _ours(f"sleep {tag}")
 
 
-@pytest.mark.parametrize("sig,num_workers", [(signal.SIGTERM, 1), (signal.SIGTERM, 0), (signal.SIGKILL, 1)])
+@pytest.mark.parametrize("sig,num_workers", [(signal.SIGTERM, 1), (signal.SIGTERM, 0), (signal.SIGKILL, 1), (signal.SIGKILL, 0)])
 def test_signal_while_data_loading_blocks(tmp_path, sig, num_workers):
     """Severe 4: SIGTERM while the loader waits on a stalled pipe printed "Received SIGTERM"
     and did not exit; SIGKILL left the pipe's child and the DataLoader workers running. Now
     SIGTERM exits 143 within seconds (nothing to save before the first step), and neither
-    signal leaves a process behind."""
-    tag = f"{311 + num_workers}.{os.getpid()}"
+    signal leaves a process behind (SIGKILL with no worker: the pipe's shell is killed with its
+    parent, and the plain command it runs is the shell itself, by `exec`)."""
+    tag = f"{311 + num_workers + 10 * (sig == signal.SIGKILL)}.{os.getpid()}"
     proc = subprocess.Popen([str(BIN / "vlmoe"), *_stall_args(tmp_path, tag, num_workers, 600)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

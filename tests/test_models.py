@@ -282,3 +282,35 @@ def test_autocast_bf16_forward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images, text)
     assert torch.isfinite(out["image_features"]).all() and out["aux_loss"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("std", [1e-3, 0.05])
+def test_upcycle_timm_vit_router_starts_at_router_init_std(std):
+    """Issue #24: planted, upcycle_timm_vit initialising the router at full scale instead of
+    router_init_std (upcycled models would start with confident random routing). 4 x 192
+    router weights per layer: their std is within 15% of the asked one."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=0)
+    up = upcycle_timm_vit(vit, num_experts=4, moe_layers="every:1", router_init_std=std)
+    for block in up.blocks:
+        w = block.mlp.router.weight
+        assert w.shape == (4, 192) and abs(float(w.std()) / std - 1) < 0.15, float(w.std())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_active_params_count_top_k_of_the_experts(top_k):
+    """Issue #24: planted, active parameters counted as 1/E of the experts whatever top_k is
+    (vlmoe-info and model cards understated Mixtral and fine-grained models). Counted here
+    from the parameter list: every image-tower parameter, with each MoE layer's experts at
+    top_k / E."""
+    from vlmoe.models.stats import model_stats
+
+    model = vlmoe.create_model("limoe-tiny", sharing="none", moe={"top_k": top_k, "capacity_factor": None})
+    E = model.moe_config.num_experts
+    image = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.") or n == "logit_scale"]
+    experts = sum(p.numel() for n, p in image if ".mlp.experts." in n)
+    assert experts > 0
+    expected = sum(p.numel() for _, p in image) - experts + experts * top_k / E
+    assert model_stats(model)["active_params_image"] == pytest.approx(expected, rel=0, abs=0.5)

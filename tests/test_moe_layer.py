@@ -99,15 +99,19 @@ def test_capacity_and_dropped_tokens_get_zero_output():
 
 
 def test_token_mask_takes_no_capacity_and_no_loss():
-    moe = make(local_entropy_weight=0.1, global_entropy_weight=0.1, eval_routing="batch").eval()  # one group
+    """7 real tokens of 12 positions in one group (eval_routing='batch'), E=4, cf=1,
+    multiple_of=1: capacity ceil(7 / 4) = 2 from the real tokens (3 from the 12 positions)."""
+    moe = make(local_entropy_weight=0.1, global_entropy_weight=0.1, eval_routing="batch", multiple_of=1).eval()  # one group
     x = torch.randn(2, 6, 16)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
     y = moe(x, mask=mask)
     assert (y[~mask] == 0).all()
     stats = moe.aux[None].stats
-    assert stats["num_tokens"].item() == 7 and stats["tokens_per_expert"].sum().item() <= 7
+    assert stats["num_tokens"].item() == 7 and float(stats["capacity"]) == 2
+    assert stats["tokens_per_expert"].max().item() <= 2
     # the same real tokens alone give the same outputs and losses
     y2 = moe(x[mask].unsqueeze(0))
+    assert float(moe.aux[None].stats["capacity"]) == 2
     torch.testing.assert_close(y[mask], y2[0])
     aux_masked = {k: v.item() for k, v in moe.aux[None].losses.items()}
     moe(x, mask=mask)
@@ -208,3 +212,62 @@ def test_bad_input():
         moe.router.weight[0, 0] = math.inf
     with pytest.raises(FloatingPointError, match="not finite"):
         moe(torch.randn(2, 3, 16))
+
+
+def _all_to_expert_0(moe: SparseMoE) -> None:
+    """Expert 0 wins every token whose x[0] > 0 (the next experts tie at 0: lowest index)."""
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 5.0
+
+
+@pytest.mark.parametrize("router,k", [("topk", 1), ("switch", 1), ("gshard", 2), ("expert_choice", 1)])
+@pytest.mark.parametrize("mode", ["train", "eval batch"])
+def test_batch_level_capacity_comes_from_real_tokens(router, k, mode):
+    """Issue #24: planted `n_valid = S` in the batch-level capacity (training, and
+    eval_routing='batch'). 4 captions of 16 positions, 3 real tokens each, form one group
+    of 64 positions with 12 real tokens. E=4, cf=1, multiple_of=1: capacity
+    ceil(12 k / 4) = 3k from the real tokens, 16k from the padded length. Every real token
+    prefers expert 0, so expert 0 keeps exactly the capacity (expert choice: each expert
+    takes C = 3 of the 12 real tokens)."""
+    moe = SparseMoE(4, 8, num_experts=4, capacity_factor=1.0, router=router, multiple_of=1, noise_scale=0.0,
+                    eval_routing="batch").train(mode == "train")
+    _all_to_expert_0(moe)
+    x = torch.zeros(4, 16, 4)
+    x[..., 0] = 1.0
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :3] = True
+    moe(x, mask=mask, modality="text")
+    st = moe.aux["text"].stats
+    if router == "expert_choice":
+        assert st["tokens_per_expert"].tolist() == [3.0] * 4
+    else:
+        assert float(st["capacity"]) == 3 * k
+        assert float(st["tokens_per_expert"][0]) == 3 * k
+    assert float(st["num_tokens"]) == 12
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "gshard"])
+def test_layer_losses_never_see_what_padding_holds(router):
+    """Issue #24: planted, the layer calling the load loss or the z-loss (or any other) without
+    the token mask. In training, with noisy gating and every loss weighted, two batches that
+    differ only in what their padding positions hold (same shapes, same noise draws) give
+    the same losses, bit for bit; unmasked, the padding's logits would enter them."""
+    weights = dict(importance_weight=0.1, load_weight=0.1, balance_weight=0.1, z_loss_weight=0.1,
+                   local_entropy_weight=0.1, global_entropy_weight=0.1, global_entropy_threshold=1.0)
+    moe = make(router=router, noise_scale=1.0, **weights).train()
+    x = torch.randn(2, 10, 16)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :6] = True
+    mask[1, :4] = True
+    x_other = x.clone()
+    x_other[~mask] = 30 * torch.randn(int((~mask).sum()), 16)
+    out = []
+    for inp in (x, x_other):
+        torch.manual_seed(1)
+        moe(inp, mask=mask, modality="text")
+        out.append({k: v.detach().clone() for k, v in moe.aux["text"].losses.items()})
+    assert set(out[0]) == {"importance", "load", "balance", "z", "local_entropy", "global_entropy"}
+    for name in out[0]:
+        assert torch.equal(out[0][name], out[1][name]), (name, out[0][name], out[1][name])
+    assert out[0]["z"] > 0 and out[0]["load"] > 0

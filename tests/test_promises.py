@@ -35,10 +35,14 @@ def expert_out(moe, e, x):
 
 
 # -- the table of planted bugs ------------------------------------------------------------------------
-def test_per_modality_statistics_count_real_tokens_only():
-    """Planted: statistics from padded counts (n_tokens = mask.numel()). 11 real tokens of 16,
-    all routed to expert 0 with capacity 4: kept 4, dropped 7/11 of the real choices."""
-    moe = SparseMoE(4, 8, num_experts=4, capacity_factor=1.0, multiple_of=4, noise_scale=0.0).eval()
+@pytest.mark.parametrize("mode", ["train", "eval per_example", "eval batch"])
+def test_per_modality_statistics_count_real_tokens_only(mode):
+    """Planted: statistics from padded counts (n_tokens = mask.numel()), and capacity from the
+    padded length (`n_valid = S`, issue #24). 11 real tokens of 16, all routed to expert 0,
+    multiple_of=1: capacity ceil(11 / 4) = 3 (the 16 positions would give 4), kept 3,
+    dropped 8/11 of the real choices; in training, per-example and batch evaluation alike."""
+    moe = SparseMoE(4, 8, num_experts=4, capacity_factor=1.0, multiple_of=1, noise_scale=0.0,
+                    eval_routing="batch" if mode == "eval batch" else "per_example").train(mode == "train")
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[0, 0] = 5.0  # expert 0 wins for every token with x[0] > 0
@@ -48,12 +52,11 @@ def test_per_modality_statistics_count_real_tokens_only():
     mask[0, :11] = True
     moe(x, mask=mask, modality="text")
     st = moe.aux["text"].stats
-    # capacity: ceil(11 * 1 * 1.0 / 4) = 3, rounded up to a multiple of 4 -> 4
-    assert float(st["capacity"]) == 4
-    assert st["tokens_per_expert"].tolist() == [4.0, 0.0, 0.0, 0.0]
+    assert float(st["capacity"]) == 3
+    assert st["tokens_per_expert"].tolist() == [3.0, 0.0, 0.0, 0.0]
     assert float(st["num_tokens"]) == 11
-    assert float(st["dropped_frac"]) == pytest.approx(7 / 11)
-    assert float(st["dropped_token_frac"]) == pytest.approx(7 / 11)
+    assert float(st["dropped_frac"]) == pytest.approx(8 / 11)
+    assert float(st["dropped_token_frac"]) == pytest.approx(8 / 11)
     assert st["expert_load"].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 

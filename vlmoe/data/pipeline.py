@@ -266,7 +266,7 @@ def make_dataset(
     if train:
         stages += [guard.samples]
     if train and shuffle_buffer > 1:
-        stages += [wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed)]
+        stages += [functools.partial(shuffle_per_stream, bufsize=shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, rank=rank)]
     stages += [
         # partials and bound methods, not lambdas: DataLoader workers started with spawn pickle the pipeline
         functools.partial(decode_samples, image_transform=image_transform, tokenizer=tokenizer,
@@ -291,6 +291,18 @@ def _worker() -> tuple[int, int]:
 def _rank_worker_seed(rank: int) -> int:
     """A distinct shard-resampling seed per rank and DataLoader worker."""
     return rank * 1000 + _worker()[0]
+
+
+def shuffle_per_stream(src: Iterator, bufsize: int, initial: int, seed: int, rank: int) -> Iterator:
+    """webdataset's buffer shuffle with a generator of its own per rank and DataLoader worker.
+    (`wds.shuffle(seed=...)` seeds every rank and worker alike: two streams that drew the same
+    shard then yielded its samples in the same order.) Rank 0's first worker keeps the data
+    seed itself, so single-stream runs are ordered as before."""
+    import random
+
+    stream = _rank_worker_seed(rank)
+    rng = random.Random(seed) if stream == 0 else random.Random(f"{seed}/{stream}")
+    yield from wds.filters._shuffle(src, bufsize, initial, rng=rng)
 
 
 def split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
@@ -327,7 +339,8 @@ def equalize_stream(
 
 def collate(samples: list[dict]) -> dict:
     """Stack a batch; `skipped` sums the bad samples seen since the previous batch, markers
-    (bad samples at the end of a stream) included; `urls` lists the shards read. Padding stand-ins (`equalize_stream`)
+    (bad samples at the end of a stream) included; `urls` lists the shards read and `keys`
+    the samples' keys. Padding stand-ins (`equalize_stream`)
     are left out; a batch of nothing but stand-ins keeps one, with `valid` all False."""
     good = [s for s in samples if s["image"] is not None and not s.get("pad")]
     out = {"skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples))}
@@ -352,6 +365,7 @@ def collate(samples: list[dict]) -> dict:
     if not good:
         return out
     out["image"] = torch.stack([s["image"] for s in good])
+    out["keys"] = [s.get("key", "") for s in good]  # sample keys (__key__), for tracing what a batch holds
     if "text" in good[0]:
         out["text"] = torch.stack([s["text"] for s in good])
     if "label" in good[0]:
