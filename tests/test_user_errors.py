@@ -240,3 +240,19 @@ def test_push_to_hub_without_network_is_one_line(monkeypatch):
     monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(VLMoEError, match=r"^push_to_hub me/tiny: the Hub cannot be reached \(\w+\); nothing was uploaded"):
         push_to_hub(vlmoe.create_model("clip-tiny"), "me/tiny", token="hf_fake")
+
+
+def test_zeroshot_batch_size_beyond_the_data(shards, tmp_path, capsys):
+    """--batch-size 1e10 allocated until memory ran out (torch's BatchSampler builds a list of
+    batch_size entries up front on an ImageFolder), and `1e10` itself printed the usage."""
+    from conftest import make_image
+    from vlmoe.cli import zeroshot_main
+
+    for i, color in enumerate(("red", "green")):
+        (tmp_path / "folder" / color).mkdir(parents=True)
+        (tmp_path / "folder" / color / "a.jpg").write_bytes(make_image(color, "square", seed=i))
+    rows = zeroshot_main(["--model", "clip-tiny", "--data", str(tmp_path / "folder"), "--classnames", shards["classnames"],
+                          "--templates", shards["templates"], "--batch-size", str(10**10), "--num-workers", "0", "--json"])
+    assert rows[0]["n"] == 2
+    p = console(zeroshot_main, "vlmoe-zeroshot", zs(shards, "--batch-size", "1e10"), capsys)
+    assert one_error_line(p, "vlmoe-zeroshot", "invalid int value: '1e10'") and "usage:" not in p.stderr

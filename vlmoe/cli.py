@@ -24,6 +24,14 @@ def one_line(exc: BaseException) -> str:
     return " ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are one ConfigError line (`PROG: error: ...`, status 2) instead
+    of the usage followed by the error; the usage stays with --help."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see: {self.prog} --help)")
+
+
 def run_console(main, prog: str, argv: list[str] | None = None) -> int:
     """Run a console entry point and turn its outcome into an exit status."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -121,7 +129,7 @@ def info_main(argv: list[str] | None = None) -> None:
     from .models import create_model, dense_baseline, list_models
     from .models.stats import model_stats
 
-    p = argparse.ArgumentParser(prog="vlmoe-info", description=info_main.__doc__)
+    p = ArgParser(prog="vlmoe-info", description=info_main.__doc__)
     p.add_argument("models", nargs="*", help="model names (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list the model names and exit")
     p.add_argument("--no-baseline", action="store_true", help="don't add each model's dense baseline")
@@ -189,6 +197,9 @@ def _zeroshot_loader(data: str, image_size, batch_size: int, num_workers: int, c
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"{data} is not a usable ImageFolder ({data}/<class>/<image>): {e}") from None
         ds.target_transform = folder_labels(ds.classes, classnames, data).__getitem__
+        # torch's BatchSampler allocates a list of batch_size entries up front: --batch-size 1e10
+        # on an ImageFolder ran out of memory. No batch needs more than the whole folder.
+        batch_size = max(1, min(batch_size, len(ds)))
 
         def to_dict(items):
             return collate([{"image": x, "label": y, "skipped": 0} for x, y in items])
@@ -211,7 +222,7 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     from .models import get_tokenizer
     from .models.factory import load_model, warn_random_weights
 
-    p = argparse.ArgumentParser(prog="vlmoe-zeroshot", description=zeroshot_main.__doc__)
+    p = ArgParser(prog="vlmoe-zeroshot", description=zeroshot_main.__doc__)
     p.add_argument("--model", action="append", required=True,
                    help="a vlmoe export, a .ckpt from vlmoe fit, ARCH@PATH for an open_clip checkpoint, or a model name; repeat to compare")
     p.add_argument("--data", required=True, help="shards with `cls` labels (brace patterns allowed) or an ImageFolder directory")
@@ -314,7 +325,7 @@ def routing_main(argv: list[str] | None = None) -> dict:
     from .models import get_tokenizer
     from .models.factory import load_model, warn_random_weights
 
-    p = argparse.ArgumentParser(prog="vlmoe-routing", description=routing_main.__doc__)
+    p = ArgParser(prog="vlmoe-routing", description=routing_main.__doc__)
     p.add_argument("--model", required=True, help="as vlmoe-zeroshot --model")
     p.add_argument("--data", required=True, help="image-text shards (captions in `txt`); labelled image-only shards give image pictures")
     p.add_argument("--out", required=True, help="output folder")
@@ -330,10 +341,10 @@ def routing_main(argv: list[str] | None = None) -> dict:
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise ConfigError(f"--out {a.out} is a file: vlmoe-routing writes a folder of pictures and routing.json; name a folder")
     parse_device(a.device)
-    warn_random_weights("vlmoe-routing", a.model)
     model = load_model(a.model).to(a.device).eval()
     if model.moe_config is None:
         raise ConfigError(f"{a.model} has no MoE layers: there is no routing to show (a dense model?)")
+    warn_random_weights("vlmoe-routing", a.model)
     model.set_eval_routing(a.eval_routing)
     urls = expand_shards(a.data, "shards")
     transform = open_clip.image_transform(model.image_size, is_train=False)
