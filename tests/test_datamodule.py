@@ -37,3 +37,20 @@ def test_two_ranks_with_two_workers_each_read_different_streams_and_split_evalua
     assert not set(val_keys[0]) & set(val_keys[1])
     every = {f"01{i:06d}" for i in range(40)}  # conftest.write_split's keys: seed, then index
     assert sorted(val_keys[0] + val_keys[1]) == sorted(every)
+
+
+def test_equalize_stream_pads_every_rank_to_the_same_count():
+    """Audit plant: the bound without its +1 for a marker of bad samples. Rank 0 holds shards
+    of 3 and 1 samples, rank 1 one shard of 2 (shard i goes to rank i % 2): every stream is
+    padded to 4 + 1 (a possible marker) = 5 items, as equalize_stream documents; a marker
+    becomes a stand-in that carries its count."""
+    from vlmoe.data import equalize_stream
+
+    stand_in = {"image": "stand-in"}
+    good = lambda i: {"image": i, "skipped": 0}
+    marker = {"image": None, "skipped": 2, "skip_reasons": {"corrupt image": 2}, "unreadable": [], "urls": ["s0"]}
+    out0 = list(equalize_stream(iter([good(0), good(1), good(2), marker]), [3, 2, 1], stand_in, rank=0, world_size=2))
+    out1 = list(equalize_stream(iter([good(5), good(6)]), [3, 2, 1], stand_in, rank=1, world_size=2))
+    assert len(out0) == len(out1) == 5
+    assert [o["image"] for o in out0] == [0, 1, 2, "stand-in", "stand-in"] and out0[3]["skipped"] == 2 and out0[3]["pad"]
+    assert [o.get("pad", False) for o in out1] == [False, False, True, True, True]

@@ -170,3 +170,13 @@ def test_bundled_demo_data_is_readable():
     assert count_samples(expand_shards(str(root / "test-000000.tar"))) == 500
     assert load_classnames(str(root / "classnames.txt"))[7] == "seven"
     assert all("{}" in t for t in load_templates(str(root / "templates.txt")))
+
+
+def test_topk_correct_counts_the_label_at_each_rank():
+    """Audit plant: top-k read as top-(k-1). Row r has its label at rank r (0-based) among 8
+    classes: top-1 counts row 0, top-5 rows 0..4, and k above the class count is capped."""
+    from vlmoe.eval.zeroshot import topk_correct
+
+    logits = torch.arange(8, 0, -1, dtype=torch.float32).repeat(8, 1)  # class c scores 8 - c: rank c
+    labels = torch.arange(8)
+    assert topk_correct(logits, labels, ks=(1, 5, 8, 20)) == {1: 1, 5: 5, 8: 8, 20: 8}

@@ -173,9 +173,7 @@ def _check_training_args(**a) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"--model.{k} must be an integer >= {low}; got {v!r}")
 
-    if not real("lr") > 0:
-        raise ConfigError(f"--model.lr must be > 0; got {a['lr']!r}")
-    for k in ("weight_decay", "aux_loss_weight"):
+    for k in ("lr", "weight_decay", "aux_loss_weight"):  # lr 0: a frozen run (tests of what moves without training)
         if real(k) < 0:
             raise ConfigError(f"--model.{k} must be >= 0; got {a[k]!r}")
     if not real("eps") > 0:
