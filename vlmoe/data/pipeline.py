@@ -106,7 +106,7 @@ class StreamGuard:
             yield sample
 
     def decoded(self, src: Iterator[dict]) -> Iterator[dict]:
-        pending: dict = {"skipped": 0, "skip_reasons": {}, "unreadable": [], "urls": set()}
+        pending: dict = {"skipped": 0, "skip_reasons": {}, "unreadable": [], "urls": []}
         bad_since_good: set[str] = set()
         for sample in src:
             if sample.get("image") is None:  # a marker: counted, carried on, never yielded
@@ -122,7 +122,7 @@ class StreamGuard:
                 continue
             if pending["skipped"] or pending["unreadable"] or pending["urls"]:
                 _merge_report(sample, pending)
-                pending = {"skipped": 0, "skip_reasons": {}, "unreadable": [], "urls": set()}
+                pending = {"skipped": 0, "skip_reasons": {}, "unreadable": [], "urls": []}
             bad_since_good.clear()
             yield sample
 
@@ -134,8 +134,7 @@ def _merge_report(into: dict, other: dict) -> None:
     for k, v in other.get("skip_reasons", {}).items():
         reasons[k] = reasons.get(k, 0) + v
     into["unreadable"] = list(dict.fromkeys([*into.get("unreadable", ()), *other.get("unreadable", ())]))
-    urls = set(into.get("urls", ())) | set(other.get("urls", ()))
-    into["urls"] = urls if isinstance(into.get("urls"), set) else sorted(urls)
+    into["urls"] = sorted({*into.get("urls", ()), *other.get("urls", ())})
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -149,7 +149,9 @@ class WatchedLoader(DataLoader):
                 except StopIteration:
                     return
                 yield batch
-        except BaseException:
+        except GeneratorExit:  # closed early (limit_*_batches, max_steps): the pipes close with their streams
+            raise
+        except BaseException:  # a stall, a signal, an error: the run stops
             if self.num_workers == 0:
                 kill_pipes()  # this process's pipe: children; a run that stops should not wait on them
             raise
