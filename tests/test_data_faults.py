@@ -249,3 +249,24 @@ def test_summary_says_every_shard_read_only_when_every_shard_was():
         "; 2 of 3 shards read, none unreadable (the other 1 were never drawn, so not checked)")
     report.add({"unreadable": ["c.tar"]})
     assert report.line("fit", ["a.tar", "b.tar", "c.tar", "d.tar"]).endswith("; 1 unreadable shard(s): c.tar; 3 of 4 shards read")
+
+
+def _mark_worker(worker_id):
+    os.environ["VLMOE_TEST_WORKER_MARK"] = f"seeded {worker_id}"
+
+
+class _WorkerEnv(IterableDataset):
+    def __iter__(self):
+        yield {"image": torch.zeros(1), "skipped": 0, "mark": os.environ.get("VLMOE_TEST_WORKER_MARK", "")}
+
+
+def test_watched_loader_keeps_lightnings_worker_seeding():
+    """Lightning adds its per-worker seeding (seed_everything(workers=True)) only to a loader
+    whose worker_init_fn is None when fit starts. A WatchedLoader that set its own in
+    __init__ lost it: worker augmentations, and so the demo's numbers, changed. The watch's
+    worker setup is added at iteration, before the loader's own function, which still runs."""
+    loader = WatchedLoader(_WorkerEnv(), batch_size=1, num_workers=1, collate_fn=lambda s: s[0])
+    assert loader.worker_init_fn is None
+    loader.worker_init_fn = _mark_worker  # what Lightning does at fit start
+    with deadline(60):
+        assert next(iter(loader))["mark"] == "seeded 0"

@@ -117,6 +117,18 @@ def worker_init(worker_id: int) -> None:
         _worker_sigterm(signal.SIGTERM, None)
 
 
+class _WorkerInit:
+    """`worker_init`, then the loader's own worker_init_fn (picklable, for spawned workers)."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        worker_init(worker_id)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
 class _Stalled(BaseException):
     """Raised by the alarm inside the data pipeline: a BaseException, so that webdataset's
     error handlers (which skip bad shards) do not swallow it. Turned into a DataError."""
@@ -132,8 +144,6 @@ class WatchedLoader(DataLoader):
     """
 
     def __init__(self, *args, what: str = "data", sources: tuple[str, ...] | list[str] = (), timeout_s: float = 600.0, **kw):
-        if kw.get("num_workers", 0) > 0 and kw.get("worker_init_fn") is None:
-            kw["worker_init_fn"] = worker_init
         super().__init__(*args, **kw)
         self.what, self.sources, self.timeout_s = what, list(sources), float(timeout_s)
 
@@ -141,6 +151,10 @@ class WatchedLoader(DataLoader):
         return ", ".join(self.sources[:3]) + (f" ... ({len(self.sources)} shards)" if len(self.sources) > 3 else "")
 
     def __iter__(self):
+        if self.num_workers > 0 and not isinstance(self.worker_init_fn, _WorkerInit):
+            # wrapped here, not in __init__: Lightning adds its per-worker seeding
+            # (seed_everything(workers=True)) only to a loader that has no worker_init_fn yet
+            self.worker_init_fn = _WorkerInit(self.worker_init_fn)
         it = super().__iter__()
         try:
             while True:
