@@ -3,6 +3,7 @@ blocks (issue #23). Console scripts run as installed scripts in subprocesses; ev
 could hang runs under a deadline that fails the test."""
 import faulthandler
 import itertools
+import re
 import os
 import signal
 import subprocess
@@ -116,11 +117,11 @@ def test_watched_loader_names_a_stalled_source_in_bounded_time(capsys):
     # the watch needs SIGALRM (deadline() would take it): a hang here ends the test process instead
     faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
     try:
-        with pytest.raises(DataError, match=r"no training batch for 1 s from pipe:fake: the source stalled"):
+        with pytest.raises(DataError, match=r"no training batch within 1 s from pipe:fake: the source stalled"):
             next(iter(stalled))
     finally:
         faulthandler.cancel_dump_traceback_later()
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # 1 s timeout; generous for a loaded machine
     assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)  # the watch leaves no handler behind
 
 
@@ -144,8 +145,9 @@ def test_stalled_pipe_source_stops_with_a_message(tmp_path, num_workers):
     p = script("vlmoe", *_stall_args(tmp_path, tag, num_workers, 6), cwd=tmp_path, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert time.monotonic() - t0 < 90
-    assert f"vlmoe: waited 2 s for a training batch from pipe:sleep {tag}" in p.stderr
-    assert last_line(p.stderr).startswith(f"vlmoe: error: no training batch for 6 s from pipe:sleep {tag}: the source stalled")
+    # notes every 6 / 4 = 1.5 s (their rounded waits depend on the machine's load), then the error
+    assert re.search(rf"vlmoe: waited \d+ s for a training batch from pipe:sleep {re.escape(tag)} \(the run stops after 6 s", p.stderr)
+    assert last_line(p.stderr).startswith(f"vlmoe: error: no training batch within 6 s from pipe:sleep {tag}: the source stalled")
     time.sleep(1)
     assert not _ours(f"sleep {tag}")
 

@@ -202,9 +202,9 @@ class WatchedLoader(DataLoader):
             signal.setitimer(signal.ITIMER_REAL, every, every)
         try:
             return next(it)
-        except _Stalled as e:
+        except _Stalled:
             raise DataError(
-                f"no {self.what} batch for {float(e.args[0]):.0f} s from {self._names()}: the source stalled (a pipe: command "
+                f"no {self.what} batch within {self.timeout_s:g} s from {self._names()}: the source stalled (a pipe: command "
                 f"that never writes, a hung network read?). If it is only slow, raise --data.timeout"
             ) from None
         finally:
