@@ -103,7 +103,7 @@ def test_eval_settings_are_checked_and_training_is_unchanged():
         SparseMoE(8, eval_routing="sometimes")
     with pytest.raises(ConfigError, match="dropless' needs a router that picks experts per token"):
         SparseMoE(8, router="expert_choice", eval_routing="dropless")
-    with pytest.raises(ConfigError, match="capacity_factor must be a positive"):
+    with pytest.raises(ConfigError, match=r"^eval_capacity_factor must be a finite number > 0; got -1.0$"):
         SparseMoE(8, eval_capacity_factor=-1.0)
     torch.manual_seed(0)
     a = SparseMoE(16, 32, num_experts=4, capacity_factor=0.5, noise_scale=0.0).train()
