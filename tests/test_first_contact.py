@@ -3,14 +3,11 @@ the installed console scripts, hangs on unusable data, outputs outside default_r
 silent wrong results, lost data and cryptic errors. Console scripts run as installed
 scripts in subprocesses; anything that could hang runs under a deadline that fails the test."""
 import ast
-import contextlib
 import csv
 import importlib.util
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import tarfile
 import threading
@@ -30,55 +27,7 @@ from vlmoe.errors import CheckpointError, ConfigError, DataError, NotFound, VLMo
 from vlmoe.moe import SparseMoE, losses
 from vlmoe.train.lightning_cli import claim_version_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-BIN = Path(sys.executable).parent
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0",
-         "--trainer.log_every_n_steps=1"]
-
-
-def data_args(shards, **replace):
-    d = {"train_shards": shards["train"], "val_shards": shards["val"], "zeroshot_shards": shards["zeroshot"],
-         "classnames": shards["classnames"], "templates": shards["templates"], **replace}
-    return [f"--data.{k}={v}" for k, v in d.items()]
-
-
-def fit_args(shards, root, steps=2, config="limoe_tiny.yaml", extra=(), **data):
-    cfg = ["--config", str(CONFIGS / config)] if config else []
-    return ["fit", *cfg, *data_args(shards, **data), f"--trainer.max_steps={steps}", "--data.batch_size=8",
-            "--data.val_batch_size=8", "--data.samples_per_epoch=16", "--model.warmup_steps=1",
-            f"--trainer.default_root_dir={root}", *QUIET, *extra]
-
-
-def script(name, *args, cwd, timeout=240, env=None):
-    """An installed console script, as a user's shell runs it."""
-    exe = BIN / name
-    assert exe.exists(), f"{exe} is not installed: pip install -e ."
-    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def last_line(text: str) -> str:
-    return [line for line in text.splitlines() if line.strip()][-1]
-
-
-class Hang(BaseException):
-    """Not an Exception: webdataset's error handlers must not swallow it."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail (Hang) instead of hanging."""
-    def boom(*_):
-        raise Hang(f"still running after {seconds}s: a hang")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+from helpers import BIN, CONFIGS, QUIET, ROOT, Hang, data_args, deadline, fit_args, last_line, script  # noqa: F401
 
 
 def write_pairs(path, images, captions=None):
@@ -514,29 +463,6 @@ def test_shard_writer_drops_a_partial_shard_on_error(tmp_path):
 
 
 # -- 10: interrupted runs ----------------------------------------------------------------------
-def test_sigterm_saves_last_ckpt_and_exits_non_zero(shards, tmp_path):
-    root = tmp_path / "r"
-    args = fit_args(shards, root, steps=100_000, extra=["--model.checkpoint_every_n_steps=1", "--data.samples_per_epoch=64"])
-    proc = subprocess.Popen([str(BIN / "vlmoe"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
-    try:
-        t0 = time.monotonic()
-        while not (ckpts / "step0000002.ckpt").exists():
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() - t0 < 180, "training did not start"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-2000:]
-    assert "vlmoe: stopped by SIGTERM at step" in last_line(err) and "last.ckpt" in last_line(err)
-    saved = torch.load(ckpts / "last.ckpt", weights_only=True)
-    assert saved["global_step"] >= 2 and saved["optimizer_states"]
-    assert not list(ckpts.glob(".*.partial"))
-
-
 def test_checkpoint_writes_stay_in_the_run_folder(tmp_path, monkeypatch):
     """Defect 10: a killed save left a truncated file in the system temp folder. Here the
     rename is made to fail, as if the process died before it."""
