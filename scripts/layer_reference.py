@@ -67,7 +67,7 @@ def _aux(out: dict, prefix: str, layer) -> None:
             _put(out, f"{prefix}/aux/{modality}/stats/{k}", v)
 
 
-def layer_cases() -> dict:
+def layer_cases(weights: dict | None) -> dict:
     out = {}
     D, B, T = 16, 3, 10
     for name, kw in LAYER_CASES.items():
@@ -76,6 +76,11 @@ def layer_cases() -> dict:
         with torch.no_grad():  # move every parameter off its init so biases matter
             for p in layer.parameters():
                 p.add_(0.05 * torch.randn_like(p))
+        wkey = f"weights/layer/{name}/"
+        if weights is None:
+            out.update({wkey + k: v.clone() for k, v in layer.state_dict().items()})
+        else:
+            layer.load_state_dict({k[len(wkey):]: v for k, v in weights.items() if k.startswith(wkey)})
         x = torch.randn(B, T, D)
         mask = torch.ones(B, T, dtype=torch.bool)
         mask[0, 6:] = False
@@ -118,7 +123,9 @@ def layer_cases() -> dict:
     return out
 
 
-def model_cases() -> dict:
+def model_cases(weights: dict | None) -> dict:
+    """`weights`: state dicts saved with the reference, loaded into each model so that a
+    change of initialisation order does not count as a difference."""
     out = {}
     for name in MODELS:
         routings = ["per_modality", "joint"] if name in ("limoe-tiny", "limoe-tiny-single") else [None]
@@ -126,6 +133,12 @@ def model_cases() -> dict:
             torch.manual_seed(0)
             kw = {"moe": {"routing_groups": routing}} if routing else {}
             model = vlmoe.create_model(name, **kw)
+            key = f"model/{name}/{routing}"
+            if weights is None:
+                out.update({f"weights/{key}/{k}": v.clone() for k, v in model.state_dict().items()})
+            else:
+                model.load_state_dict({k[len(f"weights/{key}/"):]: v for k, v in weights.items()
+                                       if k.startswith(f"weights/{key}/")})
             size = model.image_size
             torch.manual_seed(1)
             image = torch.randn(4, 3, *size)
@@ -133,7 +146,6 @@ def model_cases() -> dict:
             for i, n in enumerate((5, 9, 3, 12)):
                 text[i, n:] = 0
                 text[i, n - 1] = model.vocab_size - 1
-            key = f"model/{name}/{routing}"
             model.train()
             torch.manual_seed(2)
             o = model(image, text)
@@ -166,22 +178,24 @@ def main(argv=None) -> int:
     p.add_argument("path")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # the same reduction order in both runs
-    ref = {**layer_cases(), **model_cases()}
+    old = torch.load(a.path, weights_only=True) if a.action == "check" else None
+    ref = {**layer_cases(old), **model_cases(old)}
     if a.action == "save":
         torch.save(ref, a.path)
         print(f"saved {len(ref)} tensors to {a.path}")
         return 0
-    old = torch.load(a.path, weights_only=True)
-    bad = []
-    for k in sorted(set(old) | set(ref)):
-        if k not in ref or k not in old:
-            bad.append(f"{k}: only in the {'reference' if k in old else 'new run'}")
+    old = {k: v for k, v in old.items() if not k.startswith("weights/")}
+    bad, new = [], sorted(set(ref) - set(old))
+    for k in sorted(old):
+        if k not in ref:
+            bad.append(f"{k}: missing from the new run")
         elif old[k].shape != ref[k].shape or not torch.equal(old[k], ref[k]):
             diff = (old[k].double() - ref[k].double()).abs().max().item() if old[k].shape == ref[k].shape else "shape"
             bad.append(f"{k}: differs (max abs {diff})")
     for line in bad:
         print(line)
-    print(f"{len(ref)} tensors, {len(bad)} differences")
+    print(f"{len(old)} reference tensors, {len(bad)} differences; {len(new)} new in this run"
+          + (f" (e.g. {', '.join(new[:3])})" if new else ""))
     return 1 if bad else 0
 
 

@@ -75,19 +75,19 @@ def test_bias_brings_the_load_ratio_down_and_never_touches_the_combine_weights()
     # the update rule: +rate for under-loaded experts, -rate for over-loaded ones
     before = moe.expert_bias.clone()
     moe(x)
-    load = moe._bias_load.clone()
+    load = moe.balancer.load.clone()
     moe.update_bias()
     torch.testing.assert_close(moe.expert_bias - before, 0.02 * torch.sign(load.mean() - load))
     # evaluation forwards neither count loads nor move the bias
     moe.eval()(x)
-    assert moe._bias_load.sum() == 0
+    assert moe.balancer.load.sum() == 0
 
 
 def test_bias_is_a_saved_buffer_not_a_parameter(tmp_path):
     moe = skewed_layer()
     moe.train()(skewed_inputs())
     moe.update_bias()
-    assert "expert_bias" in moe.state_dict() and "_bias_load" not in moe.state_dict()
+    assert "balancer.expert_bias" in moe.state_dict() and "balancer.load" not in moe.state_dict()
     assert all("bias" not in n or n.endswith(("b1", "b2")) for n, _ in moe.named_parameters())
     model = vlmoe.create_model("limoe-tiny", moe={"balance": "bias"})
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_checkpointed_recompute_is_not_counted_twice():
         texts = vlmoe.get_tokenizer(16)(["a b c", "d e", "f g h i", "j"])
         out = model(images, texts)
         (out["image_features"].sum() + out["text_features"].sum()).backward()
-        loads.append([m._bias_load.clone() for m in model.moe_layers()])
+        loads.append([m.balancer.load.clone() for m in model.moe_layers()])
     for a, b in zip(*loads):
         torch.testing.assert_close(a, b)
         assert a.sum() > 0
@@ -159,7 +159,7 @@ def test_bias_per_modality_balances_each_modality_where_one_bias_leaves_text_col
     # each row moves by its own modality's loads only: after an image-only step the text row stays
     moe = skewed_layer(rate=0.02, bias_per_modality=True).train()
     moe(img, modality="image")
-    load = moe._bias_load.clone()
+    load = moe.balancer.load.clone()
     assert load[1].sum() == 0 and load[0].sum() == len(img)
     moe.update_bias()
     torch.testing.assert_close(moe.expert_bias[0], 0.02 * torch.sign(load[0].mean() - load[0]))
@@ -184,11 +184,11 @@ def test_bias_per_modality_selects_with_the_tokens_own_row_also_in_joint_routing
         joint = moe.forward_joint({"image": (img, None), "text": (txt, None)})  # dropless: = per modality
         for m in ("image", "text"):
             torch.testing.assert_close(joint[m], ref[m], rtol=1e-5, atol=1e-6)
-    moe._bias_load.zero_()  # the training-mode forwards above counted too
+    moe.balancer.load.zero_()  # the training-mode forwards above counted too
     moe.forward_joint({"image": (img, None), "text": (txt, None)})  # counted per modality in joint calls too
     counts = torch.stack([torch.bincount((gates[m] + moe.expert_bias[i]).argmax(-1), minlength=E)
                           for i, m in enumerate(("image", "text"))]).float()
-    torch.testing.assert_close(moe._bias_load, counts)
+    torch.testing.assert_close(moe.balancer.load, counts)
 
 
 def test_bias_per_modality_in_models_checkpoints_and_errors(tmp_path):

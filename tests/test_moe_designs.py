@@ -118,7 +118,7 @@ def test_bad_input_for_the_designs():
         SparseMoE(8, 16, 4, expert_type="relu2")
     from timm.layers import Mlp
 
-    from vlmoe.models.model import install_moe
+    from vlmoe.models.towers import install_moe
 
     blocks = [torch.nn.Module(), torch.nn.Module()]  # depths of different widths
     blocks[0].mlp, blocks[1].mlp = Mlp(8, 32), Mlp(16, 64)

@@ -94,12 +94,12 @@ def test_config_mistakes_are_one_line(shards, tmp_path, case, capsys):
         "bad yaml": (["fit", "--config", tmp_path / "bad.yaml"], ["Problems parsing config"]),
         "missing config": (["fit", "--config", tmp_path / "missing.yaml"], ["File does not exist", "missing.yaml"]),
         "predict": (["predict", "--config", cfg], ["invalid choice: 'predict'", "'fit', 'validate', 'test'"]),
-        "lr -1": (fit_args(shards, tmp_path / "r", extra=["--model.lr=-1"]), ["--model.lr must be >= 0; got -1.0"]),
+        "lr -1": (fit_args(shards, tmp_path / "r", extra=["--model.lr=-1"]), ["--model.lr must be a finite number >= 0; got -1.0"]),
         "noise NaN string": (fit_args(shards, tmp_path / "r", extra=['--model.model_overrides={"moe": {"noise_scale": "NaN"}}']),
                              ["noise_scale must be a finite number >= 0; got 'NaN'"]),
         "negative loss weight": (fit_args(shards, tmp_path / "r", extra=['--model.model_overrides={"moe": {"z_loss_weight": -0.1}}']),
                                  ["z_loss_weight must be a finite number >= 0; got -0.1"]),
-        "timeout 0": (fit_args(shards, tmp_path / "r", extra=["--data.timeout=0"]), ["--data.timeout must be a number of seconds > 0"]),
+        "timeout 0": (fit_args(shards, tmp_path / "r", extra=["--data.timeout=0"]), ["--data.timeout must be a finite number > 0 (seconds); got 0"]),
     }[case]
     (tmp_path / "unk.yaml").write_text("model:\n  nope: 1\n")
     (tmp_path / "bad.yaml").write_text("model:\n  lr: [1\n")

@@ -211,16 +211,10 @@ def _zeroshot_loader(data: str, image_size, batch_size: int, num_workers: int, c
 
 def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     """vlmoe-zeroshot: zero-shot classification of one or more models, side by side."""
-    import sys
-
     import torch
-    from tqdm import tqdm
 
     from .data.text import load_classnames, load_templates
-    from .eval.sweep import RoutingMeter, eval_overrides, image_flops_without_experts, plot_sweep
-    from .eval.zeroshot import build_classifier, evaluate_zeroshot
-    from .models import get_tokenizer
-    from .models.factory import load_model, warn_random_weights
+    from .eval.pictures import plot_sweep
 
     p = ArgParser(prog="vlmoe-zeroshot", description=zeroshot_main.__doc__)
     p.add_argument("--model", action="append", required=True,
@@ -257,57 +251,82 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
     if a.capacity_factor and a.eval_routing == "dropless":
         raise ConfigError("a capacity sweep needs capacity: use --eval-routing per_example or batch, not dropless")
     classnames, templates = load_classnames(a.classnames), load_templates(a.templates)
-    results = []
-    for spec in a.model:
-        warn_random_weights("vlmoe-zeroshot", spec)
-        model = load_model(spec).to(a.device).eval()
-        model.set_eval_routing(a.eval_routing, a.eval_capacity_factor)
-        if a.capacity_factor and model.moe_config is not None and model.moe_layers()[0].eval_routing == "dropless":
-            model.set_eval_routing("per_example")  # a sweep needs capacity
-        base_flops = image_flops_without_experts(model)
-        dense = model.moe_config is None
-        settings = [(None, None)] if dense or not a.capacity_factor and not a.batch_priority else [
-            (cf, None if bpr is None else bpr == "on") for bpr in (a.batch_priority or [None]) for cf in (a.capacity_factor or [None])]
-        for cf, bpr in settings:
-            with eval_overrides(model, capacity_factor=cf, batch_priority=bpr):
-                classifier = build_classifier(model, get_tokenizer(model), classnames, templates, device=a.device)
-                loader = _zeroshot_loader(a.data, model.image_size, a.batch_size, a.num_workers, classnames)
-                label = spec + ("" if cf is None else f" cf {cf:g}") + ("" if bpr is None else f" BPR {'on' if bpr else 'off'}")
-                bar = (lambda it: tqdm(it, desc=f"zero-shot {label}", unit="batch", file=sys.stderr, leave=False))
-                with RoutingMeter(model, "image") as meter:
-                    r = evaluate_zeroshot(model, loader, classifier, progress=bar)
-                row = {"model": spec, "top1": r["top1"], "top5": r["top5"], "n": r["n"], "skipped": r["skipped"]}
-                # how the number was obtained: the evaluation routing and capacity (None: dense)
-                row.update(model.eval_routing() or {"eval_routing": None})
-                row.update(capacity_factor=cf, batch_priority=bpr, dropped_frac=meter.dropped_frac,
-                           gflops_per_image=(base_flops + meter.expert_flops / r["n"]) / 1e9)
-                if dense and a.capacity_factor:
-                    row["note"] = "dense: no capacity to sweep"
-            if a.per_class:
-                row["per_class"] = dict(zip(classnames, r["per_class"]))
-            results.append(row)
+    results = [row for spec in a.model for row in _zeroshot_rows(a, spec, classnames, templates)]
     if a.plot:
         plot_sweep(results, a.plot)
     if a.json:
         print(json.dumps(results))
         return results
+    _print_zeroshot(results, a.per_class, classnames)
+    return results
+
+
+def _zeroshot_rows(a, spec: str, classnames: list[str], templates: list[str]) -> list[dict]:
+    """One model's rows: one, or one per capacity factor and BPR setting of a sweep."""
+    import sys
+
+    from tqdm import tqdm
+
+    from .eval.sweep import RoutingMeter, eval_overrides, image_flops_without_experts
+    from .eval.zeroshot import build_classifier, evaluate_zeroshot
+    from .models import get_tokenizer
+    from .models.factory import load_model, warn_random_weights
+
+    results = []
+    warn_random_weights("vlmoe-zeroshot", spec)
+    model = load_model(spec).to(a.device).eval()
+    model.set_eval_routing(a.eval_routing, a.eval_capacity_factor)
+    if a.capacity_factor and model.moe_config is not None and model.moe_layers()[0].eval_routing == "dropless":
+        model.set_eval_routing("per_example")  # a sweep needs capacity
+    base_flops = image_flops_without_experts(model)
+    dense = model.moe_config is None
+    fixed = dense or not model.moe_layers()[0].routes_tokens  # nothing to sweep: dense, or Soft MoE
+    settings = [(None, None)] if fixed or not a.capacity_factor and not a.batch_priority else [
+        (cf, None if bpr is None else bpr == "on") for bpr in (a.batch_priority or [None]) for cf in (a.capacity_factor or [None])]
+    for cf, bpr in settings:
+        with eval_overrides(model, capacity_factor=cf, batch_priority=bpr):
+            classifier = build_classifier(model, get_tokenizer(model), classnames, templates, device=a.device)
+            loader = _zeroshot_loader(a.data, model.image_size, a.batch_size, a.num_workers, classnames)
+            label = spec + ("" if cf is None else f" cf {cf:g}") + ("" if bpr is None else f" BPR {'on' if bpr else 'off'}")
+            bar = (lambda it: tqdm(it, desc=f"zero-shot {label}", unit="batch", file=sys.stderr, leave=False))
+            with RoutingMeter(model, "image") as meter:
+                r = evaluate_zeroshot(model, loader, classifier, progress=bar)
+            row = {"model": spec, "top1": r["top1"], "top5": r["top5"], "n": r["n"], "skipped": r["skipped"]}
+            # how the number was obtained: the evaluation routing and capacity (None: dense)
+            row.update(model.eval_routing() or {"eval_routing": None})
+            row.update(capacity_factor=cf, batch_priority=bpr, dropped_frac=meter.dropped_frac,
+                       gflops_per_image=(base_flops + meter.expert_flops / r["n"]) / 1e9)
+            if fixed and (a.capacity_factor or a.batch_priority):
+                row["note"] = ("dense" if dense else "Soft MoE") + ": no capacity to sweep"
+        if a.per_class:
+            row["per_class"] = dict(zip(classnames, r["per_class"]))
+        results.append(row)
+    return results
+
+
+def _print_zeroshot(results: list[dict], per_class: bool, classnames: list[str]) -> None:
     print("| model | top-1 | top-5 | images | skipped | eval routing | dropped | GFLOPs / image |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         how = r["eval_routing"] or r.get("note") or "dense"
         if r["eval_routing"] not in (None, "dropless"):
             caps = {r["eval_capacity_factor_image"], r["eval_capacity_factor_text"]} if r["capacity_factor"] is None else {r["capacity_factor"]}
-            how += ", cf " + "/".join(f"{c:g}" for c in sorted(caps))
+            caps.discard(None)  # Soft MoE: no capacity
+            if caps:
+                how += ", cf " + "/".join(f"{c:g}" for c in sorted(caps))
+            if r.get("note"):
+                how += f" ({r['note']})"
             if r["batch_priority"] is not None:
                 how += f", BPR {'on' if r['batch_priority'] else 'off'}"
         print(f"| {r['model']} | {r['top1']:.2%} | {r['top5']:.2%} | {r['n']} | {r['skipped']} | {how} | "
               f"{r['dropped_frac']:.1%} | {r['gflops_per_image']:.4f} |")
-    if a.per_class:
+    if per_class:
         print("\n| class | " + " | ".join(r["model"] for r in results) + " |")
         print("|---|" + "---|" * len(results))
         for c in classnames:
             print(f"| {c} | " + " | ".join(f"{r['per_class'][c]:.1%}" for r in results) + " |")
     return results
+
 
 
 def routing_main(argv: list[str] | None = None) -> dict:

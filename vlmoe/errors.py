@@ -8,7 +8,8 @@ caught those before keeps working.
 """
 from __future__ import annotations
 
-__all__ = ["VLMoEError", "ConfigError", "DataError", "CheckpointError", "NotFound", "make_output_folder"]
+__all__ = ["VLMoEError", "ConfigError", "DataError", "CheckpointError", "NotFound", "make_output_folder", "check_int",
+           "check_number"]
 
 
 class VLMoEError(ValueError):
@@ -46,3 +47,27 @@ def make_output_folder(path, what: str = "the output folder"):
     except OSError as e:
         raise ConfigError(f"cannot create {what} {path}: {e.strerror}") from None
     return path
+
+
+def check_int(name: str, value, minimum: int, hint: str = "") -> int:
+    """`value` if it is an integer >= minimum; else one ConfigError line (2.5, "8", True, -4
+    are refused). `hint` follows the bound, e.g. "(or None)"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}{' ' + hint if hint else ''}; got {value!r}")
+    return value
+
+
+def check_number(name: str, value, minimum: float = 0.0, *, above: bool = False, maximum: float | None = None,
+                 hint: str = "") -> float:
+    """`value` if it is a finite number >= minimum (> minimum with `above`, <= maximum when
+    given); else one ConfigError line. NaN, inf, strings and booleans are refused."""
+    import math
+
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > minimum if above else value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+        if maximum is not None:
+            bound = f"in [{minimum:g}, {maximum:g}]"
+        raise ConfigError(f"{name} must be a finite number {bound}{' ' + hint if hint else ''}; got {value!r}")
+    return value

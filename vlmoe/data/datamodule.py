@@ -12,7 +12,7 @@ from .pipeline import collate, make_dataset
 from .watch import WatchedLoader
 from .shards import count_samples, expand_shards
 from .text import load_classnames, load_templates
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_int, check_number
 
 __all__ = ["ClipDataModule", "model_input_spec"]
 
@@ -73,15 +73,11 @@ class ClipDataModule(L.LightningDataModule):
         timeout: float = 600.0,
     ):
         super().__init__()
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-            raise ConfigError(f"--data.timeout must be a number of seconds > 0; got {timeout!r}")
+        check_number("--data.timeout", timeout, 0.0, above=True, hint="(seconds)")
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("num_workers", num_workers),
                             ("samples_per_epoch", samples_per_epoch), ("shuffle_buffer", shuffle_buffer)):
-            low = 0 if name in ("num_workers", "shuffle_buffer") else 1
-            if value is None and name == "val_batch_size":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"--data.{name} must be an integer >= {low}; got {value!r}")
+            if value is not None or name != "val_batch_size":
+                check_int(f"--data.{name}", value, 0 if name in ("num_workers", "shuffle_buffer") else 1)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size

@@ -54,7 +54,7 @@ class BenchmarkSession:
         """The result JSON's `moe` object ({} for a dense model)."""
         if self.dense:
             return {}
-        cfg = self.model.moe_config
+        cfg = self.model.moe_config.resolve()  # the router's defaults filled in
         routing = self.model.eval_routing() or {}
         per_image = self.image_meter.expert_flops / self.images if self.images else 0.0
         return {

@@ -11,33 +11,28 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
-from ..moe import SparseMoE, current_routing_context
+from ..moe import MoEBase, moe_layers
+from ..moe.base import eval_settings_kept
 
-__all__ = ["eval_overrides", "RoutingMeter", "expert_flops_per_row", "image_flops_without_experts", "plot_sweep", "short_label"]
-
-
-def _layers(model) -> list[SparseMoE]:
-    return list({id(m): m for m in model.modules() if isinstance(m, SparseMoE)}.values())
+__all__ = ["eval_overrides", "RoutingMeter", "expert_flops_per_row", "image_flops_without_experts", "short_label"]
 
 
 @contextlib.contextmanager
 def eval_overrides(model, capacity_factor: float | None = None, batch_priority: bool | None = None,
                    eval_routing: str | None = None):
     """Inside the block, eval-mode forwards of every MoE layer use this capacity factor
-    (every modality), BPR setting and routing; the model's own settings are back afterwards."""
+    (every modality), BPR setting and routing; the model's own settings are back afterwards.
+    A layer that cannot use a setting (Soft MoE, expert choice and BPR) refuses it."""
     if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
         raise ConfigError(f"a capacity factor must be > 0; got {capacity_factor!r}")
-    saved = [(m, m.options, dict(m.modality_options), m.eval_routing) for m in _layers(model)]
-    try:
-        for m, *_ in saved:
+    layers = moe_layers(model)
+    with eval_settings_kept(layers):
+        for m in layers:
             m.configure_eval(eval_routing, capacity_factor, batch_priority)
         yield
-    finally:
-        for m, opts, mopts, routing in saved:
-            m.options, m.modality_options, m.eval_routing = opts, mopts, routing
 
 
-def expert_flops_per_row(layer: SparseMoE) -> int:
+def expert_flops_per_row(layer) -> int:
     """Forward matmul FLOPs of one row through one expert (multiply-add = 2), as
     torch.utils.flop_counter counts them: x @ w1 and h @ w2."""
     _, D, H1 = layer.experts.w1.shape
@@ -46,15 +41,16 @@ def expert_flops_per_row(layer: SparseMoE) -> int:
 
 
 class RoutingMeter:
-    """Counts, over every MoE call inside the block, the routed choices, the kept ones and
-    the expert FLOPs of the kept rows (forward hooks: works with any expert implementation)."""
+    """Counts, over every MoE call inside the block (joint calls' per-modality parts too),
+    the routed choices, the kept ones and the expert FLOPs of the kept rows, from each call's
+    statistics (`num_choices`, `num_kept`: see vlmoe.moe.record)."""
 
     def __init__(self, model, modality: str | None = None):
-        self.layers, self.modality = _layers(model), modality
+        self.layers, self.modality = moe_layers(model), modality
         # a layer's name per modality: a layer shared by the towers is named in each tower
         self.names: dict[tuple[int, str | None], str] = {}
         for name, m in model.named_modules(remove_duplicate=False):
-            if isinstance(m, SparseMoE):
+            if isinstance(m, MoEBase):
                 modality = "image" if name.startswith("visual.") else "text" if name.startswith("transformer.") else None
                 self.names.setdefault((id(m), modality), name)
                 self.names.setdefault((id(m), None), name)
@@ -63,18 +59,11 @@ class RoutingMeter:
         # per (layer name, modality): [tokens, choices, kept, tokens per expert, summed gates]
         self.per_layer: dict[tuple[str, str | None], list] = {}
 
-    def _hook(self, layer, inputs, output):
-        modality, _ = current_routing_context()
-        if self.modality is not None and modality != self.modality:
-            return
-        st = next(reversed(layer.aux.values())).stats  # the record this call just wrote
-        kept = int(st["tokens_per_expert"].sum())
-        n = int(st["num_tokens"])
-        choices = n * (layer.top_k if layer.router_name != "expert_choice" else 1)
-        if layer.router_name == "soft":  # every token reaches the experts through the slots: nothing dropped
-            choices = kept = n
-        elif layer.router_name == "expert_choice":
-            kept = int(round(n * (1 - float(st["dropped_token_frac"]))))
+    def _observe(self, layer, modality, aux) -> None:
+        if modality == "joint" or (self.modality is not None and modality != self.modality):
+            return  # a joint call's tokens are in its per-modality records too
+        st = aux.stats
+        n, choices, kept = int(st["num_tokens"]), int(st["num_choices"]), int(st["num_kept"])
         self.choices += choices
         self.kept += kept
         self.expert_flops += int(st["tokens_per_expert"].sum()) * expert_flops_per_row(layer)
@@ -110,12 +99,13 @@ class RoutingMeter:
         return {m: 1.0 - k / c if c else 0.0 for m, (c, k) in out.items()}
 
     def __enter__(self):
-        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        for m in self.layers:
+            m.observers.append(self._observe)
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
+        for m in self.layers:
+            m.observers.remove(self._observe)
 
     @property
     def dropped_frac(self) -> float:
@@ -131,7 +121,7 @@ def image_flops_without_experts(model) -> int:
     per-expert loop (the padded buffers would count empty slots)."""
     was_training = model.training
     model.eval()
-    layers = _layers(model)
+    layers = moe_layers(model)
     impls = [m.experts.implementation for m in layers]
     image = torch.randn(1, 3, *model.image_size, device=next(model.parameters()).device)
     try:
@@ -154,40 +144,3 @@ def short_label(spec: str) -> str:
         i = parts.index("checkpoints")
         return "/".join(parts[max(0, i - 2):i] + parts[-1:])
     return Path(spec).name if len(parts) > 1 else spec
-
-
-def plot_sweep(rows: list[dict], path: str | Path) -> Path:
-    """Top-1 against active GFLOPs per image: one curve per MoE model (and BPR setting),
-    each dense model a single point."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    curves: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get("capacity_factor") is None:
-            ax.scatter([r["gflops_per_image"]], [100 * r["top1"]], marker="*", s=160, zorder=3, color="black",
-                       label=f"{short_label(r['model'])} (dense)")
-            continue
-        bpr = r.get("batch_priority")
-        key = short_label(r["model"]) + ("" if bpr is None else f", BPR {'on' if bpr else 'off'}")
-        curves.setdefault(key, []).append(r)
-    for key, pts in curves.items():
-        pts = sorted(pts, key=lambda r: r["gflops_per_image"])
-        ax.plot([p["gflops_per_image"] for p in pts], [100 * p["top1"] for p in pts], marker="o", label=key)
-        for p in pts:
-            ax.annotate(f"cf {p['capacity_factor']:g}", (p["gflops_per_image"], 100 * p["top1"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7)
-    ax.set_xlabel("active forward GFLOPs per image")
-    ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title("capacity sweep at inference")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

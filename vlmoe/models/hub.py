@@ -5,6 +5,7 @@ so its cache, `HF_HUB_CACHE` / `HF_HOME`, `HF_HUB_OFFLINE` and revisions apply),
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import re
 import tempfile
 from pathlib import Path
@@ -143,7 +144,7 @@ def model_card(model, repo_id: str, training_data: str | None = None, results=No
     from .stats import model_stats
 
     cfg = model.config
-    moe = cfg.get("moe")
+    moe = asdict(model.moe_config.resolve()) if model.moe_config is not None else None  # the router's defaults filled in
     stats = model_stats(model)
     tags = ["vlmoe", "clip", "zero-shot-image-classification"] + (["mixture-of-experts", "limoe"] if moe else [])
     head = ["---", "library_name: vlmoe", "pipeline_tag: zero-shot-image-classification", "tags:"] + [f"- {t}" for t in tags]

@@ -8,8 +8,8 @@ work unchanged. Only the MLP of the MoE blocks differs (`...resblocks.{i}.mlp.ro
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,194 +17,16 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
 
-from ..moe import SoftMoE, SparseMoE, collect_aux, current_routing_context, routing_context
+from ..moe import MoEBase, collect_aux, moe_layers, routing_context
 from ..errors import ConfigError
+from .moe_config import ROUTING_GROUPS, MoEConfig, resolve_layers
+from .towers import TimmImageTower, checkpointed_forward, install_model_moe, tower_blocks
 
 __all__ = ["MoEConfig", "VLMoEModel", "TimmImageTower", "resolve_layers", "tower_blocks", "SHARING_MODES",
            "ROUTING_GROUPS"]
 
 Sharing = Literal["none", "moe", "all"]
 SHARING_MODES = ("none", "moe", "all")
-ROUTING_GROUPS = ("per_modality", "joint")
-
-
-@dataclass
-class MoEConfig:
-    """Where the MoE layers go and how they route. Field names mirror SparseMoE's."""
-
-    num_experts: int = 8  # E
-    top_k: int = 1  # K
-    capacity_factor: float | None = 1.0  # None: dropless
-    # Evaluation (model.eval()): "per_example" routes each image / caption alone, so a result
-    # never depends on the rest of the batch; "batch" is V-MoE's batch-level evaluation;
-    # "dropless" keeps every choice. eval_capacity_factor None: capacity_factor.
-    eval_routing: str = "per_example"
-    eval_capacity_factor: float | None = None
-    router: str = "topk"  # topk | switch | gshard | expert_choice
-    # "per_modality": each shared MoE layer routes a batch's image patches and its text tokens
-    # in separate calls (separate groups, capacities and balance losses); "joint": LIMoE's,
-    # model(image, text) routes both together in one group (capacity, BPR and the V-MoE
-    # losses over the union; the entropy losses per modality). Needs sharing "moe" or "all".
-    routing_groups: str = "per_modality"
-    batch_priority: bool | None = None  # BPR; None: on for topk / expert_choice, off for switch / gshard (position)
-    noise_scale: float | None = None  # router noise std * E (default 1.0 for topk)
-    group_size: int | None = None  # tokens per routing group (default: one group per call)
-    normalize_combine_weights: bool = False  # kept top-k weights sum to 1
-    image_layers: Any = "every:2"  # "every:N", "last:N", "all", "none" or a list of block indices
-    text_layers: Any = "every:2"
-    importance_weight: float | None = None  # None: SparseMoE's default for the router
-    load_weight: float | None = None
-    balance_weight: float | None = None
-    z_loss_weight: float | None = None
-    local_entropy_weight: float | None = None
-    global_entropy_weight: float | None = None
-    global_entropy_threshold: float | None = None
-    image: dict = field(default_factory=dict)  # per-modality overrides (RoutingOptions fields)
-    text: dict = field(default_factory=dict)
-    router_init_std: float | None = None  # None: 1/sqrt(dim); upcycling uses a small value
-    implementation: str = "auto"
-    gate: str = "softmax"  # softmax (V-MoE) | topk_softmax (Mixtral: weights over the top-k sum to 1)
-    expert_type: str = "mlp"  # mlp (the block's activation) | swiglu
-    expert_hidden_dim: int | dict | None = None  # None: the dense MLP's width; {"image": h, "text": h} per tower
-    share_across_depth: bool = False  # WideNet: one MoE layer for all MoE depths of a tower
-    # "loss": the router's auxiliary balance losses; "bias": auxiliary-loss-free balancing
-    # (DeepSeek-V3): a per-expert selection bias moved by bias_update_rate once per optimizer step
-    balance: str = "loss"
-    bias_update_rate: float = 1e-3
-    bias_per_modality: bool = False  # with balance "bias": one bias per expert and modality (shared layers)
-    num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE, Qwen2-MoE)
-    shared_expert_gate: bool = False  # a sigmoid gate per token on the shared output (Qwen2-MoE)
-    # fine-grained experts: m x the experts, m x top_k, each 1/m as wide (the same active FLOPs)
-    granularity: int = 1
-    # router="soft" (Soft MoE): slots each expert processes per sequence, or {"image": s, "text": s}
-    slots_per_expert: int | dict = 1
-
-    @classmethod
-    def from_dict(cls, d: dict | "MoEConfig" | None) -> "MoEConfig | None":
-        if d is None or isinstance(d, MoEConfig):
-            return d
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown MoE config key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def layer_kwargs(self) -> dict:
-        kw = {k: getattr(self, k) for k in (
-            "num_experts", "top_k", "capacity_factor", "eval_routing", "eval_capacity_factor", "router", "batch_priority",
-            "noise_scale", "group_size",
-            "normalize_combine_weights", "importance_weight", "load_weight", "balance_weight", "z_loss_weight",
-            "local_entropy_weight", "global_entropy_weight", "global_entropy_threshold", "implementation",
-            "gate", "expert_type", "balance", "bias_update_rate", "bias_per_modality", "num_shared_experts", "shared_expert_gate",
-        )}
-        m = self.granularity
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(f"moe.granularity must be an integer >= 1; got {m!r}")
-        kw["num_experts"], kw["top_k"] = self.num_experts * m, self.top_k * m
-        overrides = {m: dict(o) for m, o in (("image", self.image), ("text", self.text)) if o}
-        kw["modality_overrides"] = overrides or None
-        return kw
-
-
-def resolve_layers(spec: Any, depth: int, what: str = "layers") -> list[int]:
-    """Block indices from a placement spec: "every:N" (blocks N-1, 2N-1, ..., as V-MoE's
-    "every other layer" for N=2), "last:N", "all", "none"/None or an explicit list."""
-    if spec is None or spec == "none":
-        return []
-    if spec == "all":
-        return list(range(depth))
-    if isinstance(spec, str) and ":" in spec:
-        kind, _, n = spec.partition(":")
-        if not n.isdigit() or int(n) < 1 or kind not in ("every", "last"):
-            raise ConfigError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
-        n = int(n)
-        if kind == "every":
-            return [i for i in range(depth) if (i + 1) % n == 0]
-        if n > depth:
-            raise ConfigError(f"MoE placement {spec!r} for {what} asks for {n} blocks but the tower has {depth}")
-        return list(range(depth - n, depth))
-    if isinstance(spec, (list, tuple)):
-        out = sorted({int(i) for i in spec})
-        bad = [i for i in out if not 0 <= i < depth]
-        if bad:
-            raise ConfigError(f"MoE layer indices {bad} for {what} are out of range: the tower has {depth} blocks (0..{depth - 1})")
-        return out
-    raise ConfigError(f"bad MoE placement {spec!r} for {what}; use 'every:N', 'last:N', 'all', 'none' or a list")
-
-
-class TimmImageTower(nn.Module):
-    """A timm model (e.g. a ViT) as CLIP image tower: pooled features -> linear projection."""
-
-    def __init__(self, model_name: str, output_dim: int, image_size: int | tuple = 224, **timm_kwargs):
-        super().__init__()
-        import timm
-
-        self.trunk = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size, **timm_kwargs)
-        self.proj = nn.Linear(self.trunk.num_features, output_dim, bias=False)
-        self.image_size = image_size if isinstance(image_size, tuple) else (image_size, image_size)
-
-    def forward(self, x):
-        return self.proj(self.trunk(x))
-
-    def set_grad_checkpointing(self, enable=True):
-        self.trunk.set_grad_checkpointing(enable)
-
-
-def tower_blocks(module: nn.Module) -> list[nn.Module]:
-    """Transformer blocks of an open_clip Transformer/VisionTransformer or a timm ViT."""
-    for path in ("transformer.resblocks", "resblocks", "trunk.blocks", "blocks"):
-        obj = module
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return list(obj)
-    raise TypeError(f"don't know where the transformer blocks of {type(module).__name__} are")
-
-
-def mlp_shape(mlp: nn.Module) -> tuple[int, int, type[nn.Module]]:
-    """(dim, hidden_dim, activation class) of an open_clip or timm MLP, or of a SparseMoE."""
-    if isinstance(mlp, SparseMoE):
-        return mlp.dim, getattr(mlp, "block_hidden_dim", mlp.hidden_dim), type(mlp.experts.act)
-    if hasattr(mlp, "c_fc"):  # open_clip
-        return mlp.c_fc.in_features, mlp.c_fc.out_features, type(mlp.gelu)
-    if hasattr(mlp, "fc1"):  # timm Mlp
-        return mlp.fc1.in_features, mlp.fc1.out_features, type(mlp.act)
-    raise TypeError(f"unsupported MLP type {type(mlp).__name__}")
-
-
-def _block_weight_dtype(block) -> torch.dtype:
-    return next(block.parameters()).dtype
-
-
-def install_moe(blocks: list[nn.Module], layers: list[int], make_moe, existing: list[SparseMoE] | None = None,
-                share_across_depth: bool = False) -> list[SparseMoE]:
-    """Replace `block.mlp` of the chosen blocks with SparseMoE (new, `existing` ones to share
-    between towers, or with `share_across_depth` one for all chosen blocks, as WideNet).
-    Returns the installed layers in order."""
-    out = []
-    for j, i in enumerate(layers):
-        block = blocks[i]
-        dim, hidden, act = mlp_shape(block.mlp)
-        if existing is not None or (share_across_depth and out):
-            moe = existing[j] if existing is not None else out[0]
-            if (moe.dim, moe.block_hidden_dim) != (dim, hidden):
-                what = "between towers" if existing is not None else "across depths"
-                raise ConfigError(
-                    f"cannot share MoE layer {j} {what}: it was built for dim={moe.dim}, hidden={moe.block_hidden_dim} "
-                    f"but block {i} has dim={dim}, hidden={hidden}; use equal widths and mlp ratios or don't share"
-                )
-            moe.record_every_call = moe.record_every_call or existing is None
-        else:
-            moe = make_moe(dim, hidden, act)
-            moe.block_hidden_dim = hidden
-        block.mlp = moe
-        if hasattr(block, "get_weight_dtype"):
-            # open_clip asks block 0's `mlp.c_fc` for the cast dtype; a SparseMoE has none.
-            block.get_weight_dtype = functools.partial(_block_weight_dtype, block)
-        out.append(moe)
-    return out
 
 
 class VLMoEModel(CLIP):
@@ -247,12 +69,8 @@ class VLMoEModel(CLIP):
         super().__init__(embed_dim, base_vision, CLIPTextCfg(**text_cfg), quick_gelu=quick_gelu, init_logit_scale=init_logit_scale, output_dict=True)
         if timm_name:
             self.visual = TimmImageTower(timm_name, embed_dim, vision_cfg.get("image_size", 224), **vision_cfg.get("timm_kwargs", {}))
-        self.config = {
-            "embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg,
-            "moe": asdict(MoEConfig.from_dict(moe)) if moe is not None else None,
-            "sharing": sharing, "quick_gelu": quick_gelu, "pad_id": pad_id,
-        }
-        self.sharing, self.pad_id = sharing, pad_id
+        self._arch = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+        self.sharing, self.pad_id, self.quick_gelu = sharing, pad_id, quick_gelu
         self.moe_config = MoEConfig.from_dict(moe)
 
         self._grad_checkpointing = False
@@ -270,53 +88,9 @@ class VLMoEModel(CLIP):
 
         self.image_moe_layers: list[int] = []
         self.text_moe_layers: list[int] = []
-        cfg = self.moe_config
-        if cfg is not None:
-            kw = cfg.layer_kwargs()
-
-            def maker(tower: str):
-                h = cfg.expert_hidden_dim.get(tower) if isinstance(cfg.expert_hidden_dim, dict) else cfg.expert_hidden_dim
-
-                def make(dim, hidden, act):
-                    width, g = h or hidden, cfg.granularity
-                    if width % g:
-                        raise ConfigError(f"moe.granularity={g} must divide the expert width {width} of the {tower} tower "
-                                          f"(each of the {g}x experts is 1/{g} as wide); choose a divisor of {width}")
-                    if cfg.router == "soft":
-                        if cfg.balance != "loss" or cfg.bias_per_modality or cfg.top_k != 1:
-                            raise ConfigError("router='soft' (Soft MoE) has no per-token expert choice: leave top_k=1 and "
-                                              "balance='loss' (it needs no balancing)")
-                        return SoftMoE(dim, width // g, num_experts=kw["num_experts"], slots_per_expert=cfg.slots_per_expert,
-                                       act_layer=act, implementation=cfg.implementation, expert_type=cfg.expert_type,
-                                       num_shared_experts=cfg.num_shared_experts, shared_expert_gate=cfg.shared_expert_gate,
-                                       eval_routing=cfg.eval_routing)
-                    m = SparseMoE(dim, width // g, act_layer=act, **kw)
-                    if cfg.router_init_std is not None:
-                        nn.init.normal_(m.router.weight, std=cfg.router_init_std)
-                    return m
-
-                return make
-
-            self.image_moe_layers = resolve_layers(cfg.image_layers, len(image_blocks), "the image tower")
-            depth = cfg.share_across_depth
-            image_moes = install_moe(image_blocks, self.image_moe_layers, maker("image"), share_across_depth=depth)
-            if sharing == "all":
-                self.text_moe_layers = list(self.image_moe_layers)
-            else:
-                self.text_moe_layers = resolve_layers(cfg.text_layers, len(text_blocks), "the text tower")
-                shared = None
-                if sharing == "moe":
-                    if len(self.text_moe_layers) != len(self.image_moe_layers) and not depth:
-                        raise ConfigError(
-                            f"sharing='moe' pairs the towers' MoE layers in order, but the image tower has "
-                            f"{len(self.image_moe_layers)} ({self.image_moe_layers}) and the text tower "
-                            f"{len(self.text_moe_layers)} ({self.text_moe_layers}); give both the same count"
-                        )
-                    shared = image_moes if not depth else [image_moes[0]] * len(self.text_moe_layers)
-                install_moe(text_blocks, self.text_moe_layers, maker("text"), existing=shared, share_across_depth=depth)
-            if cfg.routing_groups not in ROUTING_GROUPS:
-                raise ConfigError(f"unknown moe.routing_groups {cfg.routing_groups!r}; choose one of {ROUTING_GROUPS}")
-            if cfg.routing_groups == "joint":
+        if self.moe_config is not None:
+            self.image_moe_layers, self.text_moe_layers = install_model_moe(self.moe_config, sharing, image_blocks, text_blocks)
+            if self.moe_config.routing_groups == "joint":
                 self._check_joint(image_blocks, text_blocks)
 
     @property
@@ -470,6 +244,8 @@ class VLMoEModel(CLIP):
             return None
         layer = self.moe_layers()[0]
         out = {"eval_routing": layer.eval_routing}
+        if not layer.routes_tokens:  # Soft MoE: no capacity
+            return {**out, "eval_capacity_factor_image": None, "eval_capacity_factor_text": None}
         for modality in ("image", "text"):
             o = layer.options_for(modality)
             cf = o.eval_capacity_factor if o.eval_capacity_factor is not None else o.capacity_factor
@@ -483,18 +259,20 @@ class VLMoEModel(CLIP):
             m.configure_eval(eval_routing, eval_capacity_factor)
         if self.moe_config is not None:
             if eval_routing is not None:
-                self.moe_config.eval_routing = self.config["moe"]["eval_routing"] = eval_routing
+                self.moe_config.eval_routing = eval_routing
             if eval_capacity_factor is not None:
-                self.moe_config.eval_capacity_factor = self.config["moe"]["eval_capacity_factor"] = eval_capacity_factor
+                self.moe_config.eval_capacity_factor = eval_capacity_factor
 
-    def moe_layers(self) -> list[SparseMoE]:
-        """Distinct SparseMoE modules (a shared one once)."""
-        seen, out = set(), []
-        for m in self.modules():
-            if isinstance(m, SparseMoE) and id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-        return out
+    def moe_layers(self) -> list[MoEBase]:
+        """Distinct MoE layers (a shared one once)."""
+        return moe_layers(self)
+
+    @property
+    def config(self) -> dict:
+        """What the model is, as a plain dict (what checkpoints and save_pretrained write):
+        `moe` holds the MoEConfig as given (None: the router's default)."""
+        return {**self._arch, "moe": asdict(self.moe_config) if self.moe_config is not None else None,
+                "sharing": self.sharing, "quick_gelu": self.quick_gelu, "pad_id": self.pad_id}
 
     def set_grad_checkpointing(self, enable=True):
         """Activation checkpointing per block. open_clip's own checkpointing would recompute
@@ -504,22 +282,9 @@ class VLMoEModel(CLIP):
         blocks = tower_blocks(self.visual) + ([] if self.sharing == "all" else tower_blocks(self.transformer))
         for block in blocks:
             if enable:
-                block.forward = functools.partial(_checkpointed_forward, block)
+                block.forward = functools.partial(checkpointed_forward, block)
             else:
                 block.__dict__.pop("forward", None)
-
-
-def _checkpointed_forward(self, *args, **kwargs):
-    ctx = current_routing_context()
-    forward = type(self).forward
-
-    def run(*a):
-        with routing_context(*ctx):
-            return forward(self, *a, **kwargs)
-
-    if not torch.is_grad_enabled():
-        return forward(self, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def _check_keys(d: dict, known: set, what: str) -> None:

@@ -19,7 +19,8 @@ from torch import nn
 from ..moe import SparseMoE
 from .checkpoint import load_state_dict_strict, read_state_dict
 from .factory import build_model, dense_config
-from .model import install_moe, resolve_layers, tower_blocks
+from .moe_config import resolve_layers
+from .towers import install_moe, tower_blocks
 from ..errors import ConfigError, CheckpointError, NotFound
 
 __all__ = ["upcycle_open_clip", "load_open_clip", "upcycle_timm_vit", "infer_open_clip_config", "experts_from_mlp", "split_neurons", "neuron_importance"]
@@ -230,7 +231,10 @@ def _check_moe_settings(router_init_std: float, layer_kwargs: bool = False, **mo
     if isinstance(router_init_std, bool) or not isinstance(router_init_std, (int, float)) or not (
             math.isfinite(router_init_std) and router_init_std >= 0):
         raise ConfigError(f"router_init_std must be a finite number >= 0; got {router_init_std!r}")
-    SparseMoE(8, 8, **(moe if layer_kwargs else MoEConfig.from_dict(moe).layer_kwargs()))
+    if layer_kwargs:
+        SparseMoE(8, 8, **moe)
+    else:
+        MoEConfig.from_dict(moe).layer_config()
 
 
 def upcycle_open_clip(

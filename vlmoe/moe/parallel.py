@@ -22,7 +22,7 @@ from .comm import (
     init_expert_parallel,
 )
 from .experts import Experts
-from .layer import SparseMoE
+from .base import moe_layers
 
 __all__ = [
     "ExpertParallelGroups", "init_expert_parallel", "forget_expert_parallel", "all_to_all", "AllToAllMeter", "all_to_all_meter",
@@ -30,14 +30,6 @@ __all__ = [
     "reduce_expert_gradients", "clip_grad_norm_", "gather_expert_state_dict", "gather_expert_optimizer_state",
     "slice_expert_optimizer_state",
 ]
-
-
-def _moe_layers(module: nn.Module):
-    seen = set()
-    for m in module.modules():  # modules() visits a shared layer once
-        if isinstance(m, SparseMoE) and id(m) not in seen:
-            seen.add(id(m))
-            yield m
 
 
 def sharded_expert_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -54,7 +46,7 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups, broadcast_fro
     The full experts are first broadcast from global rank `broadcast_from` (None: skip), so
     every rank shards the same model. Returns the names of the sharded parameters and
     buffers (every alias of a shared layer): what DDP must leave alone. Collective."""
-    for moe in _moe_layers(module):
+    for moe in moe_layers(module):
         if moe.experts.is_sharded:
             if moe.ep is not groups:
                 raise RuntimeError("this model's experts are already sharded over another process group; unshard_experts first")
@@ -80,7 +72,7 @@ def _gather_experts(t: torch.Tensor, groups: ExpertParallelGroups) -> torch.Tens
 
 def unshard_experts(module: nn.Module) -> None:
     """Gather every sharded SparseMoE's experts back onto each rank. Collective."""
-    for moe in _moe_layers(module):
+    for moe in moe_layers(module):
         if moe.experts.is_sharded:
             full = {n: _gather_experts(p.data, moe.ep) for n, p in moe.experts.named_parameters(recurse=False)}
             moe.unshard_experts(full)

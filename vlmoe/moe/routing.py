@@ -166,16 +166,7 @@ def route(
         bias = selection_bias.to(gates_GSE.dtype)
         _, expert_GSK = top_k_gates(gates_GSE + (bias.reshape(gates_GSE.shape) if bias.ndim > 1 else bias), K)
         combine_GSK = gates_GSE.gather(-1, expert_GSK)
-    valid_GSK = torch.ones(G, S, K, dtype=torch.bool, device=device)
-    if mask is not None:
-        mask_GS = mask.reshape(G, S) if mask.numel() == G * S else None
-        if mask_GS is None or mask.dtype != torch.bool:
-            raise ConfigError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)} {mask.dtype}")
-        valid_GSK &= mask_GS.unsqueeze(-1)
-    if keep is not None:
-        if keep.numel() != G * S * K or keep.dtype != torch.bool:
-            raise ConfigError(f"keep must be a bool tensor with {G}x{S}x{K} elements; got {tuple(keep.shape)}")
-        valid_GSK &= keep.reshape(G, S, K)
+    valid_GSK = _valid_choices(G, S, K, mask, keep, device)
 
     if batch_priority:
         # Stable descending sort: equal top-1 gates keep their position order.
@@ -207,6 +198,21 @@ def route(
     if squeeze:
         out = Routing(out.expert_index[0], out.slot[0], out.combine_weight[0])
     return out
+
+
+def _valid_choices(G: int, S: int, K: int, mask, keep, device) -> torch.Tensor:
+    """[G, S, K] bool: the choices that may take capacity (a real token's, not rejected)."""
+    valid_GSK = torch.ones(G, S, K, dtype=torch.bool, device=device)
+    if mask is not None:
+        mask_GS = mask.reshape(G, S) if mask.numel() == G * S else None
+        if mask_GS is None or mask.dtype != torch.bool:
+            raise ConfigError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)} {mask.dtype}")
+        valid_GSK &= mask_GS.unsqueeze(-1)
+    if keep is not None:
+        if keep.numel() != G * S * K or keep.dtype != torch.bool:
+            raise ConfigError(f"keep must be a bool tensor with {G}x{S}x{K} elements; got {tuple(keep.shape)}")
+        valid_GSK &= keep.reshape(G, S, K)
+    return valid_GSK
 
 
 def _running_count(expert_GN: torch.Tensor, valid_GN: torch.Tensor, E: int) -> torch.Tensor:

@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .layer import MoEAux, SparseMoE, current_routing_context
+from .base import MoEBase
+from .config import LayerConfig
+from .record import MoEAux
 from ..errors import ConfigError
 
 __all__ = ["SoftMoE"]
 
 
-class SoftMoE(SparseMoE):
+class SoftMoE(MoEBase):
     """Soft MoE MLP: `forward(x) -> x` for x [B, T, D] (B sequences) or [T, D] (one).
 
     Args:
@@ -38,34 +40,63 @@ class SoftMoE(SparseMoE):
             parameters per expert and a modality with s_m uses the first s_m of each expert's.
         normalize: the paper's normalisation of the inputs and the slot parameters (l2 over
             D, with a learned scalar scale starting at 1); needed at large widths.
+        config: a LayerConfig with router="soft" instead of the keywords.
+
+    Any token-routing setting (top_k, capacity, noise, loss weights, balancing, evaluation
+    routing) is refused: Soft MoE has none of them.
     """
 
-    def __init__(self, dim: int, hidden_dim: int | None = None, num_experts: int = 8, slots_per_expert: int = 1,
-                 act_layer: type[nn.Module] = nn.GELU, bias: bool = True, expert_type: str = "mlp",
-                 implementation: str = "auto", normalize: bool = True, num_shared_experts: int = 0,
-                 shared_expert_gate: bool = False, eval_routing: str = "per_example", **unused_routing):
-        per_modality = dict(slots_per_expert) if isinstance(slots_per_expert, dict) else {None: slots_per_expert}
+    def __init__(self, dim: int, hidden_dim: int | None = None, num_experts: int = 8, slots_per_expert: int | dict = 1, *,
+                 act_layer: type[nn.Module] = nn.GELU, bias: bool = True, normalize: bool = True,
+                 config: LayerConfig | None = None, **settings):
+        if config is None:
+            settings.pop("router", None) if settings.get("router") == "soft" else None
+            config = LayerConfig(router="soft", num_experts=num_experts, slots_per_expert=slots_per_expert, **settings)
+        cfg = config.resolve()
+        per_modality = dict(cfg.slots_per_expert) if isinstance(cfg.slots_per_expert, dict) else {None: cfg.slots_per_expert}
         for v in per_modality.values():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"slots_per_expert must be an integer >= 1 (or {{modality: integer}}); got {slots_per_expert!r}")
+                raise ConfigError(f"slots_per_expert must be an integer >= 1 (or {{modality: integer}}); got {cfg.slots_per_expert!r}")
         if not per_modality or set(per_modality) - {None, "image", "text"}:
-            raise ConfigError(f"slots_per_expert per modality takes 'image' and 'text'; got {slots_per_expert!r}")
-        bad = {k: v for k, v in unused_routing.items() if k in ("top_k", "capacity_factor", "balance", "router", "gate")
-               and v not in (None, 1, "loss", "soft", "softmax")}
-        if bad:
-            raise ConfigError(f"Soft MoE has no token choice, capacity or balancing to set; got {bad}")
-        super().__init__(dim, hidden_dim, num_experts=num_experts, top_k=1, capacity_factor=None, router="topk",
-                         noise_scale=0.0, act_layer=act_layer, bias=bias, implementation=implementation,
-                         expert_type=expert_type, importance_weight=0.0, load_weight=0.0, eval_routing=eval_routing,
-                         num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate)
-        self.router_name = "soft"
+            raise ConfigError(f"slots_per_expert per modality takes 'image' and 'text'; got {cfg.slots_per_expert!r}")
+        super().__init__(dim, hidden_dim or 4 * dim, cfg.num_experts, act_layer=act_layer, bias=bias,
+                         implementation=cfg.implementation, expert_type=cfg.expert_type,
+                         num_shared_experts=cfg.num_shared_experts, shared_expert_gate=cfg.shared_expert_gate)
+        self.config = cfg
+        self.eval_routing = "per_example"
         self.slots = per_modality
         self.slots_per_expert = max(per_modality.values())  # slot parameters per expert
         self.normalize = normalize
+        # Draw the random numbers in the order SoftMoE did as a SparseMoE subclass (a top-k
+        # router drawn and initialised before the experts): a seed gives the same model.
+        nn.init.normal_(nn.Linear(dim, cfg.num_experts, bias=False).weight, std=1.0 / math.sqrt(dim))
+        self.experts.init_weights()
+        self.init_shared()
         # Phi: one row per slot (expert-major: slots e*s ... e*s+s-1 belong to expert e)
-        self.router = nn.Linear(dim, num_experts * self.slots_per_expert, bias=False)
+        self.router = nn.Linear(dim, cfg.num_experts * self.slots_per_expert, bias=False)
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
         nn.init.normal_(self.router.weight, std=1.0 / math.sqrt(dim))
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.router.weight, std=1.0 / math.sqrt(self.dim))
+        self.experts.init_weights()
+        self.init_shared()
+
+    @property
+    def routes_tokens(self) -> bool:
+        return False
+
+    def configure_eval(self, eval_routing=None, eval_capacity_factor=None, batch_priority=None) -> None:
+        """Soft MoE evaluates as it trains: every setting is refused (None: nothing to change)."""
+        given = {k: v for k, v in (("eval_routing", eval_routing), ("eval_capacity_factor", eval_capacity_factor),
+                                   ("batch_priority", batch_priority)) if v is not None}
+        if given:
+            raise ConfigError(f"{sorted(given)} has no effect on Soft MoE (router='soft'): it drops no token and mixes "
+                              f"each sequence's tokens alone, in training and evaluation alike")
+
+    def active_fraction(self, modality: str | None = None) -> float:
+        """One expert's share per token (a slot is one expert row, E*s slots per sequence)."""
+        return 1.0 / self.num_experts
 
     def extra_repr(self) -> str:
         slots = self.slots[None] if None in self.slots else self.slots
@@ -96,9 +127,7 @@ class SoftMoE(SparseMoE):
             return x @ phi.t()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, modality: str | None = None) -> torch.Tensor:
-        ctx_modality, ctx_mask = current_routing_context()
-        modality = modality if modality is not None else ctx_modality
-        mask = mask if mask is not None else ctx_mask
+        mask, modality = self._context(mask, modality)
         x_TD, mask_T = self._flat(x, mask)  # validates shapes
         B = x.shape[0] if x.ndim >= 3 else 1
         x_BTD, mask_BT = x_TD.view(B, -1, self.dim), mask_T.view(B, -1)
@@ -123,11 +152,6 @@ class SoftMoE(SparseMoE):
         self._record(modality, self._soft_aux(dispatch_BTN, combine_BTN, mask_BT, logits_BTN, s))
         return out_TD.reshape(x.shape)
 
-    def forward_joint(self, parts):
-        """Soft MoE mixes tokens within each sequence only: routing modalities together is
-        the same as routing each alone."""
-        return {m: self.forward(x, mask, m) for m, (x, mask) in parts.items()}
-
     @torch.no_grad()
     def _soft_aux(self, dispatch_BTN, combine_BTN, mask_BT, logits_BTN, s: int) -> MoEAux:
         """No loss; statistics: the slots' dispatch entropy (nats over tokens), the tokens'
@@ -149,6 +173,8 @@ class SoftMoE(SparseMoE):
             "mean_gate": mean_gate,
             "effective_experts": torch.exp(L.entropy(mean_gate)),
             "num_tokens": n_tokens.float(),
+            "num_choices": n_tokens.float(),  # every token reaches the experts through the slots
+            "num_kept": n_tokens.float(),
             "dropped_frac": torch.zeros(()),
             "dropped_token_frac": torch.zeros(()),
             "capacity": torch.tensor(float(s)),

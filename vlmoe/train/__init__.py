@@ -1,6 +1,6 @@
 """Training: the LightningModule, callbacks and routing pictures."""
 from .module import FinalCheckpoint, LIMoEModule
-from .pictures import routing_picture
+from ..eval.pictures import routing_picture
 from .strategy import ExpertParallelMonitor, ExpertParallelStrategy
 
 __all__ = ["ExpertParallelMonitor", "ExpertParallelStrategy", "FinalCheckpoint", "LIMoEModule", "routing_picture"]

@@ -2,192 +2,44 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from open_clip.loss import ClipLoss
 
-from ..data.pipeline import SKIP_REASONS
 from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
-from ..eval.routing import effective_experts, modality_bars, write_routing_report
-from ..models.factory import get_tokenizer as open_clip_tokenizer
-from .pictures import routing_picture
-from ..errors import ConfigError
-from ..moe.layer import BIAS_MODALITIES
+from ..errors import ConfigError, check_int, check_number
+from ..moe import update_biases
+from ..moe.config import BIAS_MODALITIES
+from .checkpointing import AtomicCheckpointIO, FinalCheckpoint, SignalStop
+from .data_report import DataReport, summarise_data
+from .routing_report import RoutingReport
 
+# checkpointing and the data report live in their own modules; imported here for code that
+# imported them from this one
 __all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport", "SignalStop"]
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a hidden `.NAME.partial` file beside it, then renames it into
-    place: a run killed mid-write (SIGKILL, out of memory) leaves the previous checkpoint
-    intact and its partial file in the run folder, where the next save replaces it,
-    instead of a truncated temporary file in the system's temp folder."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        if "://" in str(path):  # remote storage: fsspec's own transaction
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-
-
-class SignalStop(SIGTERMException):
-    """SIGINT (Ctrl-C) during fit, stopped the way SIGTERM stops it: `last.ckpt` saved, then
-    the console script exits 130 (Lightning's own KeyboardInterrupt path exits 1 and saves
-    nothing)."""
-
-    signum = signal.SIGINT
-
-
-class FinalCheckpoint(Callback):
-    """Writes `last.ckpt` when fit ends, however it ends (max_steps, max_epochs, interrupt),
-    next to the periodic checkpoints. On SIGTERM (what cluster schedulers send before a
-    kill) and SIGINT it saves `last.ckpt` too, once a step has run; the console script then
-    exits 143 / 130."""
-
-    def __init__(self):
-        self.path: Path | None = None
-        self._prev_sigint = None
-
-    def _save(self, trainer):
-        ckpt = trainer.checkpoint_callback
-        dirpath = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
-        self.path = dirpath / "last.ckpt"
-        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, for resuming
-
-    def on_fit_start(self, trainer, pl_module):
-        if threading.current_thread() is threading.main_thread():
-            def on_sigint(signum, frame):
-                raise SignalStop()
-
-            self._prev_sigint = signal.signal(signal.SIGINT, on_sigint)
-
-    def _restore_sigint(self):
-        if self._prev_sigint is not None:
-            signal.signal(signal.SIGINT, self._prev_sigint)
-            self._prev_sigint = None
-
-    def on_train_end(self, trainer, pl_module):
-        self._save(trainer)
-
-    def on_fit_end(self, trainer, pl_module):
-        self._restore_sigint()
-
-    def on_exception(self, trainer, pl_module, exception):
-        self._restore_sigint()
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            exception.step = trainer.global_step
-            if trainer.global_step > 0:  # before the first step there is nothing to resume
-                self._save(trainer)
-                exception.checkpoint = str(self.path)
-
-
-class DataReport:
-    """Samples skipped (by reason), shards that could not be read and shards read, over a
-    run: what the one-line summary at the end of fit, validate and test says."""
-
-    def __init__(self):
-        self.reasons: dict[str, int] = {}
-        self.unreadable: list[str] = []
-        self.read: set[str] = set()
-
-    def add(self, batch: dict) -> None:
-        for k, v in batch.get("skip_reasons", {}).items():
-            self.reasons[k] = self.reasons.get(k, 0) + int(v)
-        for u in batch.get("unreadable", ()):
-            if u not in self.unreadable:
-                self.unreadable.append(u)
-        self.read.update(batch.get("urls", ()))
-
-    def reduced(self, module: L.LightningModule) -> "DataReport":
-        """The report summed over ranks (a collective when there are several)."""
-        trainer = module.trainer
-        if trainer is None or trainer.world_size == 1:
-            return self
-        counts = torch.tensor([float(self.reasons.get(r, 0)) for r in SKIP_REASONS], device=module.device)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        everyone = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, (self.unreadable, sorted(self.read)))
-        out = DataReport()
-        out.reasons = {r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist()) if c}
-        out.unreadable = list(dict.fromkeys(u for part, _ in everyone for u in part))
-        out.read = {u for _, part in everyone for u in part}
-        return out
-
-    def line(self, what: str, shards: list[str] | None = None) -> str:
-        """The summary; `shards` (the run's shard URLs, if known) lets it say whether every
-        shard was read: a resampled training stream may never draw some of them."""
-        n = sum(self.reasons.values())
-        parts = [f"vlmoe: {what} data: " + (f"{n} samples skipped (" + ", ".join(
-            f"{r} {self.reasons[r]}" for r in SKIP_REASONS if self.reasons.get(r)) + ")" if n else "no samples skipped")]
-        expected = set(shards or ())
-        seen = (self.read | set(self.unreadable)) & expected
-        if self.unreadable:
-            shown = ", ".join(self.unreadable[:5]) + (f" ... and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else "")
-            parts.append(f"{len(self.unreadable)} unreadable shard(s): {shown}")
-        elif expected and seen >= expected:
-            parts.append("every shard read")
-        elif expected:
-            parts.append(f"{len(seen)} of {len(expected)} shards read, none unreadable (the other {len(expected - seen)} "
-                         f"were never drawn, so not checked)")
-        else:
-            parts.append(f"none unreadable among the {len(self.read)} shards read")
-        if self.unreadable and expected and not seen >= expected:
-            parts.append(f"{len(seen)} of {len(expected)} shards read")
-        return "; ".join(parts)
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/skipped/{r.replace(' ', '_')}": float(self.reasons.get(r, 0)) for r in SKIP_REASONS}
-        out[f"{prefix}/unreadable_shards"] = float(len(self.unreadable))
-        out[f"{prefix}/shards_read"] = float(len(self.read))
-        return out
 
 
 def _check_training_args(**a) -> None:
     """One ConfigError line for an optimiser or schedule setting that cannot work."""
-    def real(k):
-        v = a[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"--model.{k} must be a finite number; got {v!r}")
-        return v
-
-    def whole(k, low):
-        v = a[k]
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ConfigError(f"--model.{k} must be an integer >= {low}; got {v!r}")
-
     for k in ("lr", "weight_decay", "aux_loss_weight"):  # lr 0: a frozen run (tests of what moves without training)
-        if real(k) < 0:
-            raise ConfigError(f"--model.{k} must be >= 0; got {a[k]!r}")
-    if not real("eps") > 0:
-        raise ConfigError(f"--model.eps must be > 0; got {a['eps']!r}")
-    if not 0 <= real("min_lr_ratio") <= 1:
-        raise ConfigError(f"--model.min_lr_ratio must be in [0, 1]; got {a['min_lr_ratio']!r}")
+        check_number(f"--model.{k}", a[k])
+    check_number("--model.eps", a["eps"], 0.0, above=True)
+    check_number("--model.min_lr_ratio", a["min_lr_ratio"], 0.0, maximum=1.0)
     betas = a["betas"]
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
             or not all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"--model.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {betas!r}")
-    whole("warmup_steps", 0)
-    whole("checkpoint_every_n_steps", 1)
+    check_int("--model.warmup_steps", a["warmup_steps"], 0)
+    check_int("--model.checkpoint_every_n_steps", a["checkpoint_every_n_steps"], 1)
     if a["moe_log_every_n_steps"] is not None:
-        whole("moe_log_every_n_steps", 1)
+        check_int("--model.moe_log_every_n_steps", a["moe_log_every_n_steps"], 1)
 
 
 def _plain_hp(v):
@@ -259,10 +111,13 @@ class LIMoEModule(L.LightningModule):
         self.skipped_samples = 0
         self.data_report = {"train": DataReport(), "val": DataReport(), "test": DataReport()}
         self._t_batch = None
-        self.last_routing_picture: Path | None = None
-        self.routing_counts: dict[tuple[int, str], torch.Tensor] = {}  # from the last evaluation
-        self.routing_mean_gates: dict[tuple[int, str], torch.Tensor] = {}  # likewise, each sums to 1
-        self.routing_dropped: dict[tuple[int, str], torch.Tensor] = {}  # likewise: [dropped choices, choices]
+        self.routing_report = RoutingReport()  # what the last evaluation routed
+
+    # what the last evaluation routed, per (MoE layer, modality) (see RoutingReport)
+    last_routing_picture = property(lambda self: self.routing_report.last_picture)
+    routing_counts = property(lambda self: self.routing_report.counts)
+    routing_mean_gates = property(lambda self: self.routing_report.mean_gates)
+    routing_dropped = property(lambda self: self.routing_report.dropped)
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -391,9 +246,10 @@ class LIMoEModule(L.LightningModule):
         """Auxiliary-loss-free balancing: each bias-balanced layer moves its expert bias once
         per optimizer step, from the loads of the step's forwards summed over every rank."""
         stats = {}
-        for i, m in enumerate(self.model.moe_layers()):
-            load = m.update_bias()
-            if load is not None and load.sum() > 0:
+        layers = [(i, m) for i, m in enumerate(self.model.moe_layers()) if getattr(m, "balancer", None) is not None]
+        loads = update_biases([m.balancer for _, m in layers])  # one all_reduce for every layer
+        for (i, m), load in zip(layers, loads):
+            if load.sum() > 0:
                 stats[f"moe/layer{i}/bias_max_abs"] = m.expert_bias.abs().max()
                 if load.ndim == 1:
                     stats[f"moe/layer{i}/load_max_over_mean"] = load.max() / load.mean()
@@ -415,28 +271,12 @@ class LIMoEModule(L.LightningModule):
     def _eval_start(self):
         self._feats = {"image": [], "text": []}
         self._zs = {"n": 0, 1: 0, 5: 0}
-        self._routing = {}
-        self._drops = {}
         self._eval_skipped = 0
         self._classifier = None
-        self._first_pairs = None  # the first image-text batch, for the routing pictures
+        self.routing_report.start()
         dm = self.trainer.datamodule
         if dm is not None and getattr(dm, "classnames", None):
             self._classifier = build_classifier(self.model, dm.tokenizer, dm.classnames, dm.templates, device=self.device)
-
-    def _record_routing(self):
-        for i, m in enumerate(self.model.moe_layers()):
-            for modality, aux in m.aux.items():
-                if str(modality).startswith("joint"):
-                    continue  # a joint call's tokens are in its per-modality records too
-                key = (i, modality or "all")
-                st = aux.stats  # [2, E]: kept assignments per expert, and the tokens' gate mass
-                both = torch.stack([st["tokens_per_expert"].detach(), (st["mean_gate"] * st["num_tokens"]).detach().float()])
-                self._routing[key] = self._routing.get(key, 0) + both
-                # [dropped choices, choices] (expert choice: unrouted tokens, tokens)
-                choices = st["num_tokens"].float() * (m.top_k if m.router_name not in ("expert_choice", "soft") else 1)
-                drops = torch.stack([st["dropped_frac"].float() * choices, choices]).detach()
-                self._drops[key] = self._drops.get(key, 0) + drops
 
     def _eval_step(self, batch):
         self._eval_skipped += int(batch["skipped"])
@@ -454,8 +294,9 @@ class LIMoEModule(L.LightningModule):
                 return
             # Pictures need one more forward on rank 0 alone: not where every forward is a collective.
             alone_ok = not getattr(self.trainer.strategy, "requires_equal_eval_batches", False) or self.trainer.world_size == 1
-            if self._first_pairs is None and self.global_rank == 0 and alone_ok and self.model.moe_config is not None:
-                self._first_pairs = (batch["image"][:8].detach(), batch["text"][:8].detach())
+            report = self.routing_report
+            if report.pairs is None and self.global_rank == 0 and alone_ok and self.model.moe_config is not None:
+                report.pairs = (batch["image"][:8].detach(), batch["text"][:8].detach())
             self._feats["image"].append(out["image_features"].float())
             self._feats["text"].append(out["text_features"].float())
         elif "label" in batch:
@@ -468,7 +309,7 @@ class LIMoEModule(L.LightningModule):
             self._zs["n"] += batch["label"].numel()
             self._zs[1] += hits[1]
             self._zs[5] += hits[5]
-        self._record_routing()
+        self.routing_report.record(self.model.moe_layers())
 
     def _eval_end(self, prefix: str):
         metrics = {}
@@ -493,72 +334,11 @@ class LIMoEModule(L.LightningModule):
                 metrics[f"{prefix}/eval_capacity_factor/{modality}"] = -1.0 if cf is None else float(cf)
         if metrics:
             self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
-        self._write_routing_picture(prefix)
-
-    def _write_routing_picture(self, prefix: str):
-        keys = sorted(self._routing)
-        if self.trainer.world_size > 1:  # a rank may have routed other modalities, or nothing
-            everyone = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(everyone, keys)
-            keys = sorted(set().union(*everyone))
-        if not keys:
-            return
-        layers = self.model.moe_layers()
-        both = torch.stack([
-            self._routing[k].float() if k in self._routing else torch.zeros(2, layers[k[0]].num_experts, device=self.device)
-            for k in keys
-        ])
-        drops = torch.stack([self._drops[k].float() if k in self._drops else torch.zeros(2, device=self.device) for k in keys])
-        if self.trainer.world_size > 1:
-            both = self.all_gather(both).sum(0)
-            drops = self.all_gather(drops).sum(0)
-        counts, gate_mass = both[:, 0], both[:, 1]
-        self.routing_dropped = {k: d.cpu() for k, d in zip(keys, drops)}  # [dropped choices, choices]
-        self.routing_counts = {k: c.cpu() for k, c in zip(keys, counts)}
-        # LIMoE's measure of collapse: exp(H(p)), p the modality's mean routing distribution
-        self.routing_mean_gates = {k: (g / g.sum().clamp_min(1e-12)).cpu() for k, g in zip(keys, gate_mass)}
-        self.log_dict({f"{prefix}/effective_experts/layer{i}/{m}": effective_experts(self.routing_mean_gates[(i, m)])
-                       for i, m in keys}, sync_dist=False, rank_zero_only=True)
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "routing"  # a collective
-        if self.global_rank != 0:
-            return
-        path = log_dir / f"{prefix}_step{self.global_step:07d}.png"
-        title = f"{prefix} routing at step {self.global_step}"
-        fig = routing_picture(counts.cpu(), [f"MoE {i} {m}" for i, m in keys], title=title, path=path)
-        self.last_routing_picture = path
-        # LIMoE's pictures: each expert's tokens by modality, and each patch / token by expert
-        summary = {f"layer{i}": {} for i, _ in keys}
-        for (i, m), c in self.routing_counts.items():
-            summary[f"layer{i}"][m] = {"tokens_per_expert": c.long().tolist()}
-        modality_bars(summary, log_dir / f"{prefix}_step{self.global_step:07d}_modalities.png", title)
-        if self._first_pairs is not None:
-            images, texts = self._first_pairs
-            write_routing_report(self.model, images, texts, log_dir / f"{prefix}_step{self.global_step:07d}",
-                                 open_clip_tokenizer(self.model.context_length), title=title)
-        logger = self.logger
-        if logger is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
-            logger.experiment.add_figure(f"{prefix}/routing", fig, self.global_step)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        self.routing_report.finish(self, prefix)
 
     # -- the end-of-run data summary --------------------------------------------------------
-    _LOADERS = {"train": ("train",), "val": ("val", "zeroshot"), "test": ("test", "zeroshot_test")}
-
     def _summarise_data(self, what: str, keys: tuple[str, ...]) -> None:
-        report = DataReport()
-        for k in keys:
-            part = self.data_report[k].reduced(self)
-            report.add({"skip_reasons": part.reasons, "unreadable": part.unreadable, "urls": part.read})
-        urls = getattr(self.trainer.datamodule, "urls", None)
-        shards = [u for k in keys for name in self._LOADERS[k] for u in urls.get(name, ())] if isinstance(urls, dict) else None
-        self.last_data_summary = report.line(what, shards)
-        if self.global_rank != 0:
-            return
-        print(self.last_data_summary, file=sys.stderr, flush=True)
-        for logger in self.trainer.loggers:
-            logger.log_metrics(report.metrics(f"data/{what}"), step=self.global_step)
-            logger.save()
+        self.last_data_summary = summarise_data(self, self.data_report, what, keys)
 
     def on_fit_start(self):
         self.data_report["train"], self.data_report["val"] = DataReport(), DataReport()

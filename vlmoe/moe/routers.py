@@ -1,0 +1,157 @@
+"""Routers: given the gates of a routing group, which (token, expert) pairs are kept, in
+which buffer slot and with which weight. Two families behind one interface:
+
+- `TokenChoice`: each token picks its top-k experts (V-MoE's "topk", Switch, GShard's top-2
+  with random routing of the second expert, Mixtral's top-k softmax), and experts take them
+  in priority order up to their capacity (BPR or position);
+- `ExpertChoice`: each expert picks its top-C tokens (Zhou et al. 2022).
+
+Both return an `Assignment` and say how many choices each token makes (`choices_per_token`)
+and how the dropped share is counted, so nothing outside this file branches on the router.
+The gate algebra itself is in `vlmoe.moe.routing` (vmoe's semantics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LayerConfig, RoutingOptions
+from .routing import compute_capacity, expert_choice_route, route, top_k_gates
+
+__all__ = ["Assignment", "Router", "TokenChoice", "ExpertChoice", "make_router"]
+
+
+@dataclass
+class Assignment:
+    """Every choice of every group, flat over N = G*S*K (token choice) or G*E*C (expert
+    choice). token_N indexes the padded token list (group g's tokens are g*S ... g*S+S-1)."""
+
+    token_N: torch.Tensor
+    expert_N: torch.Tensor
+    group_N: torch.Tensor
+    slot_N: torch.Tensor  # position in its (expert, group) buffer; -1: dropped
+    weight_N: torch.Tensor  # combine weight (0 where dropped)
+    capacity: int | None  # buffer slots per expert and group (None: dropless)
+
+
+def _capacity(mask_GS, E: int, K: int, capacity_factor: float | None, multiple_of: int, per_group: bool):
+    """(buffer capacity, routing capacity): from real tokens, never from padding; each
+    group's own (per_group: a [G] tensor to route with, its max for the buffer) or the
+    fullest group's."""
+    if capacity_factor is None:
+        return None, None
+    if per_group:
+        route_capacity = compute_capacity(mask_GS.sum(1), E, K, capacity_factor, multiple_of)
+        return int(route_capacity.max()), route_capacity
+    S = mask_GS.shape[1]
+    n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
+    capacity = compute_capacity(max(n_valid, 1), E, K, capacity_factor, multiple_of)
+    return capacity, capacity
+
+
+class Router:
+    """The interface: `assign`, `choices_per_token`, `dropped_frac`, `top1_kept`."""
+
+    name: str
+    choices_per_token: int
+
+    def __init__(self, cfg: LayerConfig):
+        self.num_experts, self.multiple_of = cfg.num_experts, cfg.multiple_of
+
+    def assign(self, gates_GSE, mask_GS, opts: RoutingOptions, capacity_factor, per_group: bool, bias, training: bool
+               ) -> Assignment:
+        raise NotImplementedError
+
+    def kept_choices(self, n_kept, kept_per_token, mask_T):
+        """How many of the tokens' choices were computed (the numerator of 1 - dropped)."""
+        return n_kept
+
+    def top1_kept(self, gates_TE, a: Assignment, T: int):
+        """Each routed token's top-1 expert and whether that choice was computed."""
+        raise NotImplementedError
+
+    def dropless_ok(self) -> bool:
+        return True
+
+
+class TokenChoice(Router):
+    """Each token picks its top-k experts; an expert takes its choices up to its capacity."""
+
+    def __init__(self, cfg: LayerConfig):
+        super().__init__(cfg)
+        self.name, self.choices_per_token = cfg.router, cfg.top_k
+        self.gate, self.normalize = cfg.gate, cfg.normalize_combine_weights
+
+    def assign(self, gates_GSE, mask_GS, opts, capacity_factor, per_group, bias, training):
+        G, S, E = gates_GSE.shape
+        K = self.choices_per_token
+        capacity, route_capacity = _capacity(mask_GS, E, K, capacity_factor, self.multiple_of, per_group)
+        keep_GSK = scale_GS1 = None
+        if self.name == "gshard" or self.gate == "topk_softmax":
+            # Weights normalised over the selected top-k before any is dropped: GShard's
+            # g_k / (g1 + g2), and Mixtral's softmax over the top-k logits (the same thing).
+            if bias is None:
+                top_GSK, _ = top_k_gates(gates_GSE, K)
+            else:  # the experts the bias selects, their unbiased gates
+                top_GSK = gates_GSE.gather(-1, top_k_gates(gates_GSE + bias, K)[1])
+            denom_GS1 = top_GSK.sum(-1, keepdim=True)
+            scale_GS1 = 1.0 / denom_GS1
+        if self.name == "gshard" and training:
+            # GShard: the 2nd expert is used with probability min(1, 2 * g2 / (g1 + g2)).
+            p2_GS = 2.0 * top_GSK[..., 1] / denom_GS1[..., 0]
+            keep2_GS = torch.rand_like(p2_GS) < p2_GS
+            keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
+        r = route(gates_GSE, K, route_capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
+                  renormalize=self.normalize, selection_bias=bias)
+        weight_GSK = r.combine_weight
+        if scale_GS1 is not None and not self.normalize:
+            weight_GSK = weight_GSK * scale_GS1
+        token_GSK = torch.arange(G * S, device=gates_GSE.device).view(G, S, 1).expand(G, S, K)
+        group_GSK = torch.arange(G, device=gates_GSE.device).view(G, 1, 1).expand(G, S, K)
+        return Assignment(token_GSK.reshape(-1), r.expert_index.reshape(-1), group_GSK.reshape(-1),
+                          r.slot.reshape(-1), weight_GSK.reshape(-1), capacity)
+
+    def top1_kept(self, gates_TE, a, T):
+        return gates_TE.argmax(-1), a.slot_N.view(-1, self.choices_per_token)[:T, 0] >= 0
+
+
+class ExpertChoice(Router):
+    """Each expert takes its top-C tokens by gate; a token may be taken by several experts
+    or by none. capacity_factor is the mean number of experts per token."""
+
+    name, choices_per_token = "expert_choice", 1
+
+    def assign(self, gates_GSE, mask_GS, opts, capacity_factor, per_group, bias, training):
+        G, S, E = gates_GSE.shape
+        device = gates_GSE.device
+        _, route_capacity = _capacity(mask_GS, E, 1, capacity_factor, self.multiple_of, per_group)
+        token_GEC, weight_GEC = expert_choice_route(gates_GSE, int(route_capacity.max()) if per_group else route_capacity,
+                                                    mask_GS)
+        C = token_GEC.shape[-1]
+        if per_group:  # each group keeps its own top-C_g (the route sorted them by gate)
+            beyond_GEC = torch.arange(C, device=device).view(1, 1, C) >= route_capacity.view(G, 1, 1)
+            token_GEC = token_GEC.masked_fill(beyond_GEC, -1)
+            weight_GEC = weight_GEC.masked_fill(beyond_GEC, 0.0)
+        expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, C)
+        group_GEC = torch.arange(G, device=device).view(G, 1, 1).expand(G, E, C)
+        slot_GEC = torch.arange(C, device=device).view(1, 1, C).expand(G, E, C)
+        slot_GEC = torch.where(token_GEC >= 0, slot_GEC, -1)
+        token_GEC = token_GEC.clamp_min(0) + S * group_GEC
+        return Assignment(token_GEC.reshape(-1), expert_GEC.reshape(-1), group_GEC.reshape(-1), slot_GEC.reshape(-1),
+                          weight_GEC.reshape(-1), C)
+
+    def kept_choices(self, n_kept, kept_per_token, mask_T):
+        """A token counts once if any expert took it (its one "choice" is being routed)."""
+        return ((kept_per_token > 0) & mask_T).sum()
+
+    def top1_kept(self, gates_TE, a, T):
+        return gates_TE.argmax(-1), torch.bincount(a.token_N[a.slot_N >= 0], minlength=T)[:T] > 0
+
+    def dropless_ok(self) -> bool:
+        return False
+
+
+def make_router(cfg: LayerConfig) -> Router:
+    """The router of a resolved config."""
+    return ExpertChoice(cfg) if cfg.router == "expert_choice" else TokenChoice(cfg)
