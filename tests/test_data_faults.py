@@ -22,6 +22,14 @@ from vlmoe.data.pipeline import StreamGuard, collate
 from vlmoe.data.watch import WatchedLoader
 from vlmoe.errors import DataError
 from vlmoe.train.module import DataReport
+import csv
+import io
+import tarfile
+from vlmoe.cli import cli_main
+from vlmoe.data import ClipDataModule
+from vlmoe.errors import ConfigError
+from helpers import ROOT  # noqa: F401
+from helpers import png, write_pairs
 
 
 def _train_stream(urls, seed, shuffle_buffer=1000):
@@ -275,3 +283,119 @@ def test_watched_loader_keeps_lightnings_worker_seeding():
     loader.worker_init_fn = _mark_worker  # what Lightning does at fit start
     with deadline(60):
         assert next(iter(loader))["mark"] == "seeded 0"
+
+
+# -- moved from test_first_contact (issues #11, #16) -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["empty tar", "all corrupt"])
+def test_fit_on_a_stream_that_yields_nothing_stops_with_a_message(shards, tmp_path, kind):
+    """Defect 2: `vlmoe fit` spun forever (100% CPU, deaf to SIGTERM) on such shards."""
+    shard = tmp_path / "bad-000000.tar"
+    if kind == "empty tar":
+        tarfile.open(shard, "w").close()
+    else:
+        write_pairs(shard, [b"\xff\xd8 not really a jpeg"] * 5)
+    t0 = time.monotonic()
+    p = script("vlmoe", *fit_args(shards, tmp_path / "r", train_shards=shard), cwd=tmp_path, timeout=180)
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = last_line(p.stderr)
+    assert line.startswith("vlmoe: error: the training shards") and str(shard) in line and "\n" not in line
+    assert ("yield no samples" if kind == "empty tar" else "was skipped (corrupt image ") in line
+    assert time.monotonic() - t0 < 180
+
+
+def _first_train_sample(urls, caplog=None):
+    ds = make_dataset(urls, lambda im: torch.zeros(1), lambda t: torch.zeros(1, 4, dtype=torch.long), train=True,
+                      shuffle_buffer=10)
+    with deadline(20):  # the guard stops these streams in well under a second
+        return next(iter(ds))
+
+
+@pytest.mark.parametrize("kind", ["zero-byte", "not a tar", "failing pipe", "undecodable captions"])
+def test_training_stream_guard(tmp_path, kind, caplog):
+    """Defect 2, the other triggers, and the rate-limited warnings."""
+    shard = tmp_path / "s-000000.tar"
+    if kind == "zero-byte":
+        shard.write_bytes(b"")
+    elif kind == "not a tar":
+        shard.write_bytes(b"this is a text file, not a tar archive\n" * 100)
+    elif kind == "undecodable captions":
+        write_pairs(shard, [png()] * 4)
+        with tarfile.open(shard) as t:  # rewrite every caption as invalid UTF-8
+            members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+        with tarfile.open(shard, "w") as t:
+            for m, data in members:
+                data = b"\xff\xfe\xfa" if m.name.endswith(".txt") else data
+                m.size = len(data)
+                t.addfile(m, io.BytesIO(data))
+    url = f"pipe:cat {tmp_path}/does-not-exist.tar" if kind == "failing pipe" else str(shard)
+    with caplog.at_level("WARNING", logger="vlmoe.data"), pytest.raises(DataError, match="the training shards") as e:
+        _first_train_sample([url])
+    assert url in str(e.value)
+    assert ("(undecodable caption " in str(e.value)) if kind == "undecodable captions" else ("yield no samples" in str(e.value))
+    assert len([r for r in caplog.records if url in r.getMessage()]) <= 2  # 1st and 10th failure at most
+
+
+def test_guard_lets_a_stream_with_some_bad_shards_run(tmp_path):
+    """The guard must not stop a stream whose good shard is one of many broken ones."""
+    bad = []
+    for i in range(6):
+        p = tmp_path / f"bad-{i:06d}.tar"
+        p.write_bytes(b"")
+        bad.append(str(p))
+    good = write_pairs(tmp_path / "good-000000.tar", [png()] * 3)
+    sample = _first_train_sample(bad + [good])
+    assert sample["image"] is not None
+
+
+def test_samples_per_epoch_below_one_batch_is_refused():
+    """Defect 2: 0 steps per epoch repeated forever."""
+    with pytest.raises(ConfigError, match=r"samples_per_epoch=8 gives each of the 1 data streams .* fewer than --data.batch_size=16"):
+        ClipDataModule(train_shards=str(ROOT / "data/digits/train-000000.tar"), batch_size=16, samples_per_epoch=8, num_workers=0)
+    with pytest.raises(ConfigError, match="val_batch_size must be an integer >= 1; got 0"):
+        ClipDataModule(batch_size=8, val_batch_size=0)
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1; got -2"):
+        ClipDataModule(batch_size=-2)
+
+
+# -- 16: skipped samples are visible at the end of every run ------------------------------------------
+def test_end_of_run_summary_names_reasons_and_unreadable_shards(shards, tmp_path, capsys):
+    broken = tmp_path / "broken-000000.tar"
+    broken.write_bytes(b"not a tar" * 100)
+    args = ["validate", "--config", str(CONFIGS / "limoe_tiny.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            *data_args(shards, train_shards="null", val_shards=f"{shards['bad']}::{broken}", zeroshot_shards="null"),
+            "--data.val_batch_size=4", *QUIET]
+    capsys.readouterr()
+    cli = cli_main(args)
+    err = capsys.readouterr().err
+    # 60 samples, every 10th bad: 4 corrupt images, 1 missing and 1 empty caption (see conftest.write_split)
+    expected = f"vlmoe: validate data: 6 samples skipped (corrupt image 4, missing caption 1, empty caption 1); 1 unreadable shard(s): {broken}"
+    assert expected in err.splitlines()
+    with open(Path(cli.trainer.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k: float(v) for r in rows for k, v in r.items() if k.startswith("data/validate/") and v}
+    assert logged["data/validate/skipped/corrupt_image"] == 4 and logged["data/validate/unreadable_shards"] == 1
+
+    capsys.readouterr()
+    cli_main(fit_args(shards, tmp_path / "f", steps=4, train_shards=shards["bad"], extra=["--data.samples_per_epoch=32"]))
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("vlmoe: fit data: ")][-1]
+    assert "samples skipped (corrupt image" in line  # a 4-step fit says so, with no log row needed
+
+
+def test_the_validation_summary_expects_the_zero_shot_shards_too():
+    """The end-of-run line says "every shard read" only when every shard of the stage's
+    loaders was read: for validation the val and the zero-shot shards. Planted: the zero-shot
+    loader left out of the stage's shards, so an unread zero-shot shard went unmentioned."""
+    import types
+
+    from vlmoe.train.data_report import DataReport, summarise_data
+
+    trainer = types.SimpleNamespace(world_size=1, loggers=[], datamodule=types.SimpleNamespace(
+        urls={"train": ["t0.tar"], "val": ["v0.tar"], "zeroshot": ["z0.tar", "z1.tar"]}))
+    module = types.SimpleNamespace(trainer=trainer, global_rank=1, global_step=0)  # rank 1: nothing printed
+    report = DataReport()
+    report.add({"urls": ["v0.tar", "z0.tar"]})
+    assert "2 of 3 shards read" in summarise_data(module, {"val": report}, "validate", ("val",))
+    report.add({"urls": ["z1.tar"]})
+    assert "every shard read" in summarise_data(module, {"val": report}, "validate", ("val",))

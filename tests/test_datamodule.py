@@ -4,6 +4,10 @@ from types import SimpleNamespace
 from conftest import write_split
 from helpers import deadline
 from vlmoe.data import ClipDataModule
+import types
+import torch
+from vlmoe.data import ShardWriter, make_dataset
+from vlmoe.data.pipeline import _rank_worker_seed
 
 
 def _module(train, val, rank):
@@ -54,3 +58,54 @@ def test_equalize_stream_pads_every_rank_to_the_same_count():
     assert len(out0) == len(out1) == 5
     assert [o["image"] for o in out0] == [0, 1, 2, "stand-in", "stand-in"] and out0[3]["skipped"] == 2 and out0[3]["pad"]
     assert [o.get("pad", False) for o in out1] == [False, False, True, True, True]
+
+
+# -- moved from test_promises (issues #11, #16) ------------------------------------------------------
+
+
+def _keys_of(ds, n):
+    out = []
+    for s in ds:
+        out.append(s["key"])
+        if len(out) == n:
+            return out
+
+
+def test_training_shards_resampled_with_a_seed_per_rank_and_worker(tmp_path, monkeypatch):
+    """README: each rank and DataLoader worker draws its own shard sequence (and the same
+    one again for the same rank, worker and seed). Planted: the rank left out of the seed."""
+    for i in range(8):
+        with ShardWriter(str(tmp_path / f"s{i}-%06d.tar")) as w:
+            from helpers import png
+
+            w.write(f"shard{i}", png(), caption="x")
+    urls = [str(tmp_path / f"s{i}-000000.tar") for i in range(8)]
+
+    def keys(rank, seed=0):
+        ds = make_dataset(urls, lambda im: im, lambda t: torch.zeros(1, 2), train=True, shuffle_buffer=0, seed=seed, rank=rank)
+        return _keys_of(ds, 12)
+
+    assert keys(0) == keys(0)
+    assert keys(0) != keys(1) and keys(0) != keys(0, seed=1)
+    assert _rank_worker_seed(rank=1) != _rank_worker_seed(rank=0)
+    first_worker = keys(0)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: types.SimpleNamespace(id=1, num_workers=2))
+    assert keys(0) != first_worker  # the second DataLoader worker of rank 0 draws its own sequence
+    assert _rank_worker_seed(rank=0) == 1 and _rank_worker_seed(rank=1) == 1001
+
+
+def test_pipe_urls_webp_and_json_fields(tmp_path):
+    """README: `pipe:` commands and img2dataset's webp / json fields."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(buf, format="WEBP", lossless=True)
+    with ShardWriter(str(tmp_path / "w-%06d.tar")) as w:
+        w.write("a", buf.getvalue(), caption="a green square", image_ext="webp", meta={"url": "http://x", "width": 20})
+    path = str(tmp_path / "w-000000.tar")
+    plain = list(make_dataset([path], lambda im: torch.tensor(list(im.getpixel((5, 5)))), lambda t: torch.zeros(1, 2), train=False))
+    piped = list(make_dataset([f"pipe:cat {path}"], lambda im: torch.tensor(list(im.getpixel((5, 5)))), lambda t: torch.zeros(1, 2), train=False))
+    assert len(plain) == len(piped) == 1
+    assert plain[0]["image"].tolist() == piped[0]["image"].tolist() == [10, 200, 30]

@@ -130,9 +130,9 @@ def test_a_checkpoint_from_before_eval_routing_loads_with_the_new_default(tmp_pa
 def test_zeroshot_rows_and_validation_metrics_say_how_they_routed(shards, tmp_path):
     from vlmoe.cli import cli_main
 
-    from test_train import fit_args
+    from helpers import train_args
 
-    cli = cli_main(fit_args(shards, tmp_path, steps=2))  # one epoch: validation at its end
+    cli = cli_main(train_args(shards, tmp_path, steps=2))  # one epoch: validation at its end
     metrics = cli.trainer.callback_metrics
     assert float(metrics["val/eval_routing/per_example"]) == 1.0 and float(metrics["val/eval_capacity_factor/image"]) == 1.0
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"

@@ -1,7 +1,6 @@
 """Expert parallelism on CPU processes (gloo): sharded experts give the model's outputs and
 gradients, under the Lightning strategy too, and checkpoints do not depend on the EP size."""
 import os
-import socket
 from datetime import timedelta
 
 import lightning as L
@@ -10,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train import CONFIGS, FAST, NO_AUX, PairDataset, fit_args, read_metrics
+from helpers import CONFIGS, FAST, NO_AUX, PairDataset, train_args, read_metrics
 from torch.utils.data import DataLoader
 
 from vlmoe.cli import cli_main
@@ -19,6 +18,10 @@ from vlmoe.models.factory import load_model
 from vlmoe.moe import SparseMoE
 from vlmoe.moe import parallel as par
 from vlmoe.train import ExpertParallelStrategy, LIMoEModule
+from helpers import free_port, init_gloo
+import types
+import vlmoe
+from vlmoe.data import ClipDataModule
 
 # (name, SparseMoE kwargs, skew): with skew, every token prefers the first half of the experts,
 # so the ranks holding the second half receive no rows at all.
@@ -32,18 +35,6 @@ LAYER_CASES = [
     ("mixtral_swiglu", dict(top_k=2, gate="topk_softmax", expert_type="swiglu", capacity_factor=1.25), 0.0),
 ]
 E, D, H, TOKENS_PER_RANK = 8, 16, 32, 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
 
 def _make_layer(kwargs, bias, seed=0):
@@ -78,7 +69,7 @@ def _reference(kwargs, bias, world):
 
 
 def _layer_worker(rank, world, port, ep_sizes, out_dir):
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     results = {}
     for ep in ep_sizes:
         groups = par.init_expert_parallel(ep)
@@ -108,7 +99,7 @@ def _layer_worker(rank, world, port, ep_sizes, out_dir):
 
 
 def _spawn(fn, world, *args):
-    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world,ep_sizes", [(2, (2,)), (4, (1, 2, 4))])
@@ -149,7 +140,7 @@ def test_bad_expert_parallel_size_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
         par.init_expert_parallel(2)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match=r"divisor of the world size 1; choose one of \[1\]"):
@@ -275,7 +266,7 @@ def test_vlmoe_fit_under_expert_parallelism_with_uneven_evaluation_shards(shards
              "--trainer.strategy.expert_parallel_size=2", "--trainer.strategy.start_method=spawn",
              "--data.num_workers=1", "--trainer.num_sanity_val_steps=0"]
     train = ["--data.samples_per_epoch=64", "--trainer.accumulate_grad_batches=2", "--trainer.precision=bf16-mixed"]
-    cli_main(fit_args(shards, tmp_path, steps=2, extra=extra + train))
+    cli_main(train_args(shards, tmp_path, steps=2, extra=extra + train))
     metrics = read_metrics(tmp_path / "lightning_logs" / "version_0")
     for key in ("comm/all_to_all_ms", "comm/all_to_all_MB", "comm/all_to_all_share", "comm/rank_load/r0",
                 "comm/rank_load/r1", "val/zeroshot_top1", "val/image_to_text_R@1"):
@@ -324,3 +315,34 @@ def test_evaluation_streams_give_every_rank_the_same_batches(shards, num_workers
             assert valid.all() or not valid.any()  # stand-ins never mix with real rows
     assert len(n_batches) == 1
     assert skipped == 6 and real == 84 - 6  # corrupt_every=10: 6 of the 60 "bad" samples are bad
+
+
+# -- moved from test_promises (issues #11, #16) ------------------------------------------------------
+
+
+def test_expert_parallel_refuses_remote_evaluation_shards(shards):
+    """README: EP evaluation needs each shard's sample count; a remote shard is refused."""
+    dm = ClipDataModule(val_shards=f"{shards['val']}::pipe:cat {shards['val']}", batch_size=8, num_workers=0)
+    dm.trainer = types.SimpleNamespace(world_size=2, global_rank=0, strategy=types.SimpleNamespace(requires_equal_eval_batches=True))
+    with pytest.raises(vlmoe.VLMoEError, match="is not a local file. Copy the val shards to local disk"):
+        dm.val_dataloader()
+
+
+def test_log_all_to_all_false_drops_the_timing_sync(monkeypatch):
+    """README: `log_all_to_all=false` removes the CUDA sync of the all-to-all timing (and the
+    monitor callback). Only the strategy's own part of setup runs here (no process group)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from vlmoe.moe.comm import all_to_all_meter
+    from vlmoe.train import ExpertParallelMonitor, ExpertParallelStrategy
+
+    monkeypatch.setattr(DDPStrategy, "setup", lambda self, trainer: None)
+    old = all_to_all_meter.sync_cuda
+    try:
+        for flag in (False, True):
+            trainer = types.SimpleNamespace(callbacks=[])
+            ExpertParallelStrategy(expert_parallel_size=2, log_all_to_all=flag).setup(trainer)
+            assert all_to_all_meter.sync_cuda is flag
+            assert any(isinstance(c, ExpertParallelMonitor) for c in trainer.callbacks) is flag
+    finally:
+        all_to_all_meter.sync_cuda = old

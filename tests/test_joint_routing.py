@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from test_expert_parallel import _free_port, _init
-from test_train import NO_AUX, _run
+from helpers import free_port, init_gloo
+from helpers import NO_AUX, run_ddp_step
 
 import vlmoe
 from vlmoe.errors import ConfigError
@@ -182,8 +182,8 @@ def test_eval_per_example_routes_each_modality_alone_as_zero_shot_does():
 
 def test_two_process_ddp_gradients_equal_single_process_in_joint_routing(tmp_path):
     joint = {"moe": {**NO_AUX["moe"], "routing_groups": "joint"}}
-    single = _run(1, 8, tmp_path / "single.pt", joint)
-    ddp = _run(2, 4, tmp_path / "ddp.pt", joint)
+    single = run_ddp_step(1, 8, tmp_path / "single.pt", joint)
+    ddp = run_ddp_step(2, 4, tmp_path / "ddp.pt", joint)
     assert single.keys() == ddp.keys() and len(single) > 50
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4, msg=k)
@@ -207,7 +207,7 @@ def _ep_layer(seed):
 
 
 def _ep_worker(rank, world, port, out_dir):
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     groups = par.init_expert_parallel(world)
     layer = _ep_layer(seed=rank)
     dist.broadcast(layer.router.weight.data, src=0)
@@ -231,7 +231,7 @@ def _ep_worker(rank, world, port, out_dir):
 def test_expert_parallel_joint_routing_equals_a_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ep_worker, args=(EP_WORLD, _free_port(), str(tmp_path)), nprocs=EP_WORLD, join=True)
+    mp.spawn(_ep_worker, args=(EP_WORLD, free_port(), str(tmp_path)), nprocs=EP_WORLD, join=True)
     ref = _ep_layer(seed=0)
     loss = 0
     outs = []

@@ -12,6 +12,11 @@ from vlmoe.models import CheckpointError, save_pretrained
 from vlmoe.models.stats import model_stats
 from vlmoe.models.upcycle import upcycle_open_clip, upcycle_timm_vit
 from vlmoe.moe import SparseMoE
+import io
+from vlmoe.cli import cli_main, one_line
+from vlmoe.errors import ConfigError, NotFound, VLMoEError
+from helpers import fit_args  # noqa: F401
+from vlmoe.models.checkpoint import load_state_dict_strict
 
 CAPTIONS = ["a photo of the digit seven", "handwritten 7", "the number three", "a blurry digit"]
 
@@ -314,3 +319,162 @@ def test_active_params_count_top_k_of_the_experts(top_k):
     assert experts > 0
     expected = sum(p.numel() for _, p in image) - experts + experts * top_k / E
     assert model_stats(model)["active_params_image"] == pytest.approx(expected, rel=0, abs=0.5)
+
+
+# -- moved from test_first_contact (issues #11, #16) -------------------------------------------------
+
+
+# -- 6, 7, 8: API surface, documented departures, a one-way import stack -----------------------------
+def test_upcycling_is_importable_from_the_top_level():
+    from vlmoe import upcycle_open_clip, upcycle_timm_vit  # noqa: F401
+    assert vlmoe.upcycle_open_clip is vlmoe.models.upcycle.upcycle_open_clip
+
+
+# -- 11, 12: upcycling from a path, bad checkpoint files --------------------------------------------------
+def test_upcycle_split_from_a_checkpoint_path(tmp_path):
+    """Defect 11: method='split' with a path raised UnboundLocalError."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    arch = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 16},
+            "text_cfg": {"context_length": 8, "vocab_size": 500, "width": 32, "heads": 2, "layers": 2}}
+    dense = CLIP(32, CLIPVisionCfg(**arch["vision_cfg"]), CLIPTextCfg(**arch["text_cfg"])).eval()
+    path = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, path)
+    moe = vlmoe.upcycle_open_clip(path, num_experts=4, model_config=arch, method="split", num_shared_neurons=1.0).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.randint(1, 400, (2, 8))
+    torch.testing.assert_close(moe.encode_image(x), dense.encode_image(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(moe.encode_text(t), dense.encode_text(t), atol=1e-5, rtol=1e-4)
+
+
+class _HarmlessPickle:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+BAD_FILES = {
+    "text": (lambda p: p.write_text("hello, I am a text file\n"), "is a text file"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    "random": (lambda p: p.write_bytes(bytes(range(7, 200))), "is not a PyTorch checkpoint"),
+    "list": (lambda p: torch.save([1, 2, 3], p), "holds a list, not"),
+    "tensor": (lambda p: torch.save(torch.zeros(3), p), "holds a Tensor, not"),
+    "truncated": (lambda p: p.write_bytes(_saved_bytes()[:300]), "is truncated or corrupt"),
+    "code": (lambda p: torch.save({"x": _HarmlessPickle()}, p), "would import and run code"),
+}
+
+
+def _saved_bytes():
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_checkpoint_files_get_one_clear_line(tmp_path, kind, shards):
+    """Defect 12: KeyError: 101, AttributeError, tensor truth errors, and torch's advice to
+    use weights_only=False, which must never be given here."""
+    write, says = BAD_FILES[kind]
+    path = tmp_path / "model.ckpt"
+    write(path)
+    from vlmoe.models.factory import load_model
+
+    calls = [lambda: vlmoe.create_model("clip-tiny", pretrained=path), lambda: load_model(path),
+             lambda: cli_main(fit_args(shards, tmp_path / "r", steps=1, extra=[f"--ckpt_path={path}"]))]
+    for call in calls:
+        with pytest.raises(CheckpointError) as e:
+            call()
+        msg = one_line(e.value)
+        assert says in msg and str(path) in msg, msg
+        assert "weights_only" not in msg
+
+
+# -- 15: small API checks ------------------------------------------------------------------------
+def test_small_api_checks():
+    for kwargs, says in (({"num_experts": 2.5}, "num_experts must be an integer >= 1; got 2.5"),
+                         ({"num_experts": "8"}, "num_experts must be an integer >= 1; got '8'"),
+                         ({"capacity_factor": "1.0"}, "capacity_factor must be a number > 0"),
+                         ({"multiple_of": -4}, "multiple_of must be an integer >= 0"),
+                         ({"modality_overrides": {"text": {"capacity_factor": "2"}}}, r"capacity_factor \(moe.text\) must be a finite number > 0")):
+        with pytest.raises(ConfigError, match=says):
+            SparseMoE(8, **kwargs)
+    with pytest.raises(ConfigError, match="dim must be an integer >= 1; got 0"):
+        SparseMoE(0)
+    model = vlmoe.create_model("limoe-tiny")
+    with pytest.raises(ConfigError, match="empty batch"):
+        model.encode_image(torch.zeros(0, 3, 32, 32))
+    with pytest.raises(ConfigError, match="empty batch"):
+        model.encode_text(torch.zeros(0, 16, dtype=torch.long))
+    moe = SparseMoE(8, num_experts=4)
+    moe(torch.randn(2, 5, 8), mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert float(moe.aux[None].stats["dropped_frac"]) == 0.0  # no token, nothing dropped
+    with pytest.raises(ConfigError, match="unknown model 'limoe-huge'"):
+        vlmoe.dense_baseline("limoe-huge")
+    assert issubclass(ConfigError, VLMoEError) and issubclass(NotFound, FileNotFoundError)
+
+
+# -- moved from test_promises (issues #11, #16) ------------------------------------------------------
+
+
+def test_moebert_split_ranks_neurons_by_an_independent_importance():
+    """Planted: the importance negated, or its gradients ignored. The shared neurons must be
+    the top ones by sum |w * dL/dw| computed here with autograd on the dense model (and by
+    ||w_in|| * ||w_out|| without batches)."""
+    from open_clip.loss import ClipLoss
+
+    from helpers import shared_neurons, small_clip
+
+    clip = small_clip()
+    torch.manual_seed(3)
+    images, text = torch.randn(4, 3, 32, 32), torch.randint(1, 999, (4, 12))
+    mlp = clip.visual.transformer.resblocks[0].mlp
+    clip.zero_grad()
+    ClipLoss()(clip.encode_image(images, normalize=True), clip.encode_text(text, normalize=True), clip.logit_scale.exp()).backward()
+    score = ((mlp.c_fc.weight * mlp.c_fc.weight.grad).abs().sum(1) + (mlp.c_proj.weight * mlp.c_proj.weight.grad).abs().sum(0)
+             + (mlp.c_fc.bias * mlp.c_fc.bias.grad).abs()).detach()
+    clip.zero_grad()
+    m = vlmoe.upcycle_open_clip(clip, num_experts=4, moe_layers="all", method="split",
+                                importance_batches=[(images, text)], num_shared_neurons=8)
+    assert set(shared_neurons(m, 0)) == set(score.argsort(descending=True)[:8].tolist())
+    magnitude = (mlp.c_fc.weight.norm(dim=1) * mlp.c_proj.weight.norm(dim=0)).detach()
+    m = vlmoe.upcycle_open_clip(small_clip(), num_experts=4, moe_layers="all", method="split", num_shared_neurons=8)
+    assert set(shared_neurons(m, 0)) == set(magnitude.argsort(descending=True)[:8].tolist())
+
+
+def test_strict_loading_lists_missing_unexpected_and_mismatched_keys():
+    """Planted: the error without the 'missing' list."""
+    model = vlmoe.create_model("clip-tiny")
+    sd = dict(model.state_dict())
+    del sd["logit_scale"], sd["positional_embedding"]
+    sd["extra.weight"] = torch.zeros(1)
+    sd["text_projection"] = torch.zeros(3, 3)
+    with pytest.raises(vlmoe.models.CheckpointError) as e:
+        load_state_dict_strict(model, sd, source="ckpt")
+    lines = str(e.value).splitlines()
+    assert "  missing (2): logit_scale, positional_embedding" in lines
+    assert "  unexpected (1): extra.weight" in lines
+    assert any(line.startswith("  mismatched (1): text_projection: checkpoint (3, 3) vs model (") for line in lines)
+
+
+def test_arch_at_path_loads_the_weights_in_path(tmp_path):
+    """Planted: ARCH@PATH ignoring PATH (random weights evaluated)."""
+    from safetensors.torch import save_file
+
+    from vlmoe.models.factory import load_model
+
+    torch.manual_seed(5)
+    src = vlmoe.create_model("clip-tiny")
+    path = tmp_path / "oc.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+    loaded = load_model(f"clip-tiny@{path}")
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_upcycled_router_starts_near_zero():
+    from helpers import small_clip
+
+    m = vlmoe.upcycle_open_clip(small_clip(), num_experts=4, moe_layers="all", router_init_std=1e-3)
+    for layer in m.moe_layers():
+        std = float(layer.router.weight.std())
+        assert 0.5e-3 < std < 1.5e-3, std

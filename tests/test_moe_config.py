@@ -230,3 +230,31 @@ def test_joint_evaluation_calls_reach_hooks_and_meters():
     with RoutingMeter(model) as train_meter:
         model(image, text)
     assert train_meter.choices == sum(tokens.values())
+
+
+def test_expert_choice_counts_a_token_as_kept_once_whatever_number_of_experts_took_it():
+    """Expert choice's dropped share is the share of tokens no expert took (its one routed
+    "choice" per token). Planted: kept counted as kept assignments, so a token two experts took
+    counted twice and the dropped share came out too low."""
+    from vlmoe.moe import expert_choice_route
+
+    torch.manual_seed(3)
+    layer = SparseMoE(D, H, num_experts=E, router="expert_choice", capacity_factor=1.0, eval_routing="batch").eval()
+    x = torch.randn(16, D)
+    with torch.no_grad():
+        layer(x)
+        token_EC, _ = expert_choice_route(layer.router_logits(x).softmax(-1), 4, None)  # C = 16 * 1 / 4
+    taken = set(token_EC.reshape(-1).tolist()) - {-1}
+    assert len(taken) < 16, "the case must have a token taken twice and one not at all"
+    st = layer.aux[None].stats
+    assert int(st["num_kept"]) == len(taken) and int(st["num_choices"]) == 16
+    assert float(st["dropped_frac"]) == pytest.approx(1 - len(taken) / 16)
+
+
+def test_a_per_modality_option_the_router_cannot_use_is_refused_naming_the_modality():
+    """Planted: the per-modality loop of the refusal skipped, so a text-only load loss or BPR
+    under expert choice was accepted and did nothing."""
+    for option in ({"load_weight": 0.1}, {"batch_priority": True}):
+        name = next(iter(option))
+        with pytest.raises(ConfigError, match=rf"^{name} \(moe.text\)=.* has no effect with router='expert_choice'"):
+            SparseMoE(D, H, num_experts=E, router="expert_choice", modality_overrides={"text": option})

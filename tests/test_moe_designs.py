@@ -6,6 +6,7 @@ from timm.layers import SwiGLU
 import vlmoe
 from vlmoe.models.stats import model_stats
 from vlmoe.moe import SparseMoE
+from helpers import shared_neurons, small_clip
 
 
 def test_mixtral_weights_are_a_softmax_over_the_top_k_logits():
@@ -126,18 +127,10 @@ def test_bad_input_for_the_designs():
         install_moe(blocks, [0, 1], lambda d, h, a: SparseMoE(d, h, 4), share_across_depth=True)
 
 
-def _small_clip():
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(0)
-    return CLIP(32, CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
-                CLIPTextCfg(context_length=12, vocab_size=1000, width=48, heads=4, layers=2)).eval()
-
-
 def test_moebert_split_with_all_neurons_shared_reproduces_the_dense_model():
     from vlmoe.models.upcycle import upcycle_open_clip
 
-    clip = _small_clip()
+    clip = small_clip()
     images, text = torch.randn(3, 3, 32, 32), torch.randint(1, 999, (3, 12))
     m = upcycle_open_clip(clip, num_experts=4, moe_layers="all", method="split", num_shared_neurons=1.0).eval()
     assert (m.encode_image(images) - clip.encode_image(images)).abs().max() <= 1e-5
@@ -147,7 +140,7 @@ def test_moebert_split_with_all_neurons_shared_reproduces_the_dense_model():
 def test_moebert_split_partitions_the_neurons_by_importance():
     from vlmoe.models.upcycle import neuron_importance, split_neurons, upcycle_open_clip
 
-    clip = _small_clip()
+    clip = small_clip()
     images, text = torch.randn(4, 3, 32, 32), torch.randint(1, 999, (4, 12))
     batches = [(images, text)]
     m = upcycle_open_clip(clip, num_experts=4, moe_layers="all", method="split", importance_batches=batches,
@@ -160,23 +153,15 @@ def test_moebert_split_partitions_the_neurons_by_importance():
     x = torch.randn(5, 32)
     ex = moe.experts
     total = sum(ex.act(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e] for e in range(4))
-    shared_part = 3 * _partial_mlp(dense, x, torch.as_tensor(_shared(m, 0)))
+    shared_part = 3 * _partial_mlp(dense, x, torch.as_tensor(shared_neurons(m, 0)))
     torch.testing.assert_close(total - 3 * dense.c_proj.bias - shared_part, dense(x), atol=1e-5, rtol=1e-4)
     # the shared neurons are the most important ones
     scores = neuron_importance(clip, ["visual.transformer.resblocks.0.mlp"], batches)["visual.transformer.resblocks.0.mlp"]
     top8 = set(torch.sort(scores, descending=True, stable=True).indices[:8].tolist())
-    assert set(_shared(m, 0)) == top8
+    assert set(shared_neurons(m, 0)) == top8
     # no importance batches: weight magnitude, and no shared neurons: a pure partition
     idx = split_neurons(torch.arange(10.0), 3, 0)
     assert idx.tolist() == [[9, 6, 3, 0], [8, 5, 2, -1], [7, 4, 1, -1]]
-
-
-def _shared(model, block):
-    """The shared neurons sit in the first slots of every expert: find which dense neurons
-    expert 0's first 8 w1 columns are."""
-    cols = model.visual.transformer.resblocks[block].mlp.experts.w1[0, :, :8]  # [D, 8]
-    dense_w1 = _small_clip().visual.transformer.resblocks[block].mlp.c_fc.weight  # [H, D]
-    return [int((dense_w1 - c).abs().sum(1).argmin()) for c in cols.t()]
 
 
 def _partial_mlp(mlp, x, neurons):
@@ -189,7 +174,7 @@ def test_moebert_bad_input():
 
     with pytest.raises(ValueError, match="cannot split 10 hidden neurons into 16 experts"):
         split_neurons(torch.rand(10), 16, 0)
-    clip = _small_clip()
+    clip = small_clip()
     with pytest.raises(ValueError, match=r"images must be \[B, 3, 32, 32\]"):
         upcycle_open_clip(clip, num_experts=4, method="split", importance_batches=[(torch.randn(2, 3, 16, 16), torch.ones(2, 12, dtype=torch.long))])
     with pytest.raises(ValueError, match="texts must be token ids"):

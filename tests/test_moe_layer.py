@@ -5,6 +5,10 @@ import torch
 from timm.layers import Mlp
 
 from vlmoe.moe import SparseMoE, collect_aux, routing_context
+from vlmoe.moe import losses
+import torch.nn.functional as F
+from vlmoe.moe.routing import expert_choice_route
+from helpers import constant_experts, expert_out
 
 
 def make(**kw):
@@ -271,3 +275,237 @@ def test_layer_losses_never_see_what_padding_holds(router):
     for name in out[0]:
         assert torch.equal(out[0][name], out[1][name]), (name, out[0][name], out[1][name])
     assert out[0]["z"] > 0 and out[0]["load"] > 0
+
+
+# -- moved from test_first_contact (issues #11, #16) -------------------------------------------------
+
+
+# -- 4, 5: padding takes no capacity, all-padding groups do not dilute the losses -------------------
+@pytest.mark.parametrize("router", ["topk", "switch", "gshard", "expert_choice"])
+def test_padding_takes_no_capacity_under_every_router(router):
+    """Defect 4 (expert choice sized capacity from the padded length); also issue #16's
+    planted `n_valid = S` (capacity from the padded length for every router). With 8 real tokens of
+    40 and E=4, cf=0.5, multiple_of=1 the capacity is 1 (top-1) from the real tokens, 5 from
+    the padded length: padding would let more real tokens through."""
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 32, num_experts=4, capacity_factor=0.5, router=router, multiple_of=1).eval()
+    real = torch.randn(1, 8, 16)
+    padded = torch.cat([real, torch.randn(1, 32, 16)], 1)
+    mask = torch.zeros(1, 40, dtype=torch.bool)
+    mask[:, :8] = True
+    y_real = moe(real)
+    cap_real = float(moe.aux[None].stats["capacity"]) if router != "expert_choice" else None
+    y_pad = moe(padded, mask=mask)
+    torch.testing.assert_close(y_pad[:, :8], y_real, atol=1e-6, rtol=1e-5)
+    assert (y_pad[:, 8:] == 0).all()
+    if cap_real is not None:
+        assert float(moe.aux[None].stats["capacity"]) == cap_real
+    assert float(moe.aux[None].stats["dropped_token_frac"]) > 0  # capacity binds, so the test can see a change
+
+
+LOSSES = {
+    "importance": lambda g, l, m: losses.importance_loss(g, m),
+    "load": lambda g, l, m: losses.load_loss(l, l + 0.3, 0.5, 1, m),
+    "balance": lambda g, l, m: losses.balance_loss(g, m),
+    "z": lambda g, l, m: losses.z_loss(l, m),
+    "local_entropy": lambda g, l, m: losses.local_entropy_loss(g, m),
+    "global_entropy": lambda g, l, m: losses.global_entropy_loss(g, m, threshold=1.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_average_ignores_all_padding_groups(name):
+    """Defect 5: groups holding only padding added zeros (or tau) to the per-group mean."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5, 4)
+    gates = logits.softmax(-1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    fn = LOSSES[name]
+    with_empty = fn(gates, logits, mask)
+    real_only = fn(gates[:2], logits[:2], mask[:2])
+    torch.testing.assert_close(with_empty, real_only)
+    # and the real groups are averaged: the mean of each group's own loss
+    each = torch.stack([fn(gates[i:i + 1], logits[i:i + 1], mask[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(with_empty, each.mean())
+
+
+def test_switch_and_gshard_place_tokens_by_position_by_default():
+    """Defect 7: Switch and GShard drop by position; V-MoE's top-k keeps BPR."""
+    assert SparseMoE(8, router="switch").options.batch_priority is False
+    assert SparseMoE(8, router="gshard").options.batch_priority is False
+    assert SparseMoE(8, router="topk").options.batch_priority is True
+    assert SparseMoE(8, router="switch", batch_priority=True).options.batch_priority is True
+    # Every token prefers expert 0; capacity 2: position keeps tokens 0 and 1, whatever their gates.
+    moe = SparseMoE(4, 8, num_experts=2, router="switch", capacity_factor=1.0, multiple_of=1).eval()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+    x = torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0], [3.0, 0, 0, 0], [4.0, 0, 0, 0]])
+    moe(x)
+    kept = moe(x).abs().sum(-1) > 0
+    assert kept.tolist() == [True, True, False, False]
+
+
+# -- moved from test_promises (issues #11, #16) ------------------------------------------------------
+
+
+# -- the table of planted bugs ------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["train", "eval per_example", "eval batch"])
+def test_per_modality_statistics_count_real_tokens_only(mode):
+    """Planted: statistics from padded counts (n_tokens = mask.numel()), and capacity from the
+    padded length (`n_valid = S`, issue #24). 11 real tokens of 16, all routed to expert 0,
+    multiple_of=1: capacity ceil(11 / 4) = 3 (the 16 positions would give 4), kept 3,
+    dropped 8/11 of the real choices; in training, per-example and batch evaluation alike."""
+    moe = SparseMoE(4, 8, num_experts=4, capacity_factor=1.0, multiple_of=1, noise_scale=0.0,
+                    eval_routing="batch" if mode == "eval batch" else "per_example").train(mode == "train")
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 5.0  # expert 0 wins for every token with x[0] > 0
+    x = torch.zeros(1, 16, 4)
+    x[..., 0] = 1.0
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, :11] = True
+    moe(x, mask=mask, modality="text")
+    st = moe.aux["text"].stats
+    assert float(st["capacity"]) == 3
+    assert st["tokens_per_expert"].tolist() == [3.0, 0.0, 0.0, 0.0]
+    assert float(st["num_tokens"]) == 11
+    assert float(st["dropped_frac"]) == pytest.approx(8 / 11)
+    assert float(st["dropped_token_frac"]) == pytest.approx(8 / 11)
+    assert st["expert_load"].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_router_noise_std_is_noise_scale_over_num_experts(monkeypatch):
+    """Planted: noise std not divided by E. With a zero router and the noise replaced by a
+    unit push on expert 0, the training gate of expert 0 is softmax([s, 0, ..., 0])[0] with
+    s = noise_scale / E = 0.125 (E=8); the eval gate is 1/8."""
+    moe = SparseMoE(4, 8, num_experts=8, capacity_factor=None, noise_scale=1.0)
+    constant_experts(moe)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+
+    def push(t):
+        z = torch.zeros_like(t)
+        z[:, 0] = 1.0
+        return z
+
+    monkeypatch.setattr(torch, "randn_like", push)
+    x = torch.randn(5, 4)
+    s = 1.0 / 8
+    expected = math.exp(s) / (math.exp(s) + 7)
+    torch.testing.assert_close(moe.train()(x), torch.full((5, 4), expected))
+    torch.testing.assert_close(moe.eval()(x), torch.full((5, 4), 1 / 8))
+
+
+def test_gshard_keeps_the_second_expert_with_probability_2_g2_over_g1_plus_g2():
+    """Planted: the keep probability halved (351 instead of ~500 kept). Gates g1 = 3 g2 for
+    every token: the second expert is kept with probability 2 * 1/4 = 0.5, so of 4096 tokens
+    2048 +- 32 (one std) second choices are kept."""
+    torch.manual_seed(0)
+    moe = SparseMoE(4, 8, num_experts=4, router="gshard", capacity_factor=None).train()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = math.log(3.0)
+        moe.router.weight[2, 0] = -30.0
+        moe.router.weight[3, 0] = -30.0
+    x = torch.zeros(4096, 4)
+    x[:, 0] = 1.0
+    moe(x)
+    counts = moe.aux[None].stats["tokens_per_expert"]
+    assert counts[0] == 4096  # every first choice
+    assert abs(float(counts[1]) - 2048) < 5 * 32, counts
+
+
+def _mixtral_case():
+    """E=4, S=8, K=2, cf 0.5, multiple_of 1: capacity ceil(8*2*0.5/4) = 2. Token i prefers
+    expert i%4, then (i+1)%4: the top-1 choices fill every expert, so every second choice is
+    dropped."""
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 16, num_experts=4, top_k=2, capacity_factor=0.5, multiple_of=1, gate="topk_softmax",
+                    noise_scale=0.0).eval()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4, 8))
+    x = torch.randn(8, 8) * 0.1
+    for i in range(8):
+        x[i, :4] = -3.0
+        x[i, i % 4], x[i, (i + 1) % 4] = 2.0, 1.0
+    return moe, x
+
+
+def test_mixtral_weights_are_fixed_before_the_capacity_drop():
+    """Planted: weights renormalised after the drop (the kept choice would weigh 1.0). The
+    kept top-1 choice keeps its share of the softmax over the top-2 logits, e/(e+1)."""
+    moe, x = _mixtral_case()
+    w = math.e / (math.e + 1)  # softmax over logits (2, 1)
+    expected = torch.stack([w * expert_out(moe, i % 4, x[i]) for i in range(8)])
+    torch.testing.assert_close(moe(x), expected, atol=1e-6, rtol=1e-5)
+    assert float(moe.aux[None].stats["dropped_frac"]) == 0.5
+
+
+def test_batch_priority_false_places_tokens_by_position():
+    """Planted: the layer ignoring batch_priority=False. Every token prefers expert 0, with a
+    gate that grows along the sequence; capacity 2. BPR keeps the two last (highest gate)
+    tokens, position order the two first."""
+    def kept(bpr):
+        moe = SparseMoE(4, 8, num_experts=2, capacity_factor=1.0, multiple_of=1, batch_priority=bpr, noise_scale=0.0).eval()
+        constant_experts(moe)
+        with torch.no_grad():
+            moe.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+        x = torch.zeros(4, 4)
+        x[:, 0] = torch.tensor([0.5, 1.0, 1.5, 2.0])
+        return (moe(x)[:, 0] > 0).tolist()
+
+    assert kept(False) == [True, True, False, False]
+    assert kept(True) == [False, False, True, True]
+
+
+def test_expert_choice_capacity_above_the_group_size():
+    """Planted: expert choice without min(capacity, S). Python's slicing clips the same way,
+    so that mutant computes the same thing; what is pinned is the contract: with C > S every
+    expert takes every real token, once, and never a masked one."""
+    gates = torch.rand(2, 5, 3).softmax(-1)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    token, weight = expert_choice_route(gates, capacity=9, mask=mask)
+    assert token.shape == (2, 3, 5)
+    for g in range(2):
+        for e in range(3):
+            chosen = sorted(t for t in token[g, e].tolist() if t >= 0)
+            assert chosen == [t for t in range(5) if mask[g, t]]
+
+
+# -- promises in the README that no test checked -----------------------------------------------------
+def test_auto_implementation_rule(monkeypatch):
+    """README: `auto` takes the capacity buffers for top-1 routing at >= 85% fill, else the
+    ragged path. Planted: the threshold ignored (always ragged)."""
+    calls = []
+    moe = SparseMoE(8, 16, num_experts=4, capacity_factor=1.0, multiple_of=1, noise_scale=0.0).eval()
+    monkeypatch.setattr(moe.experts, "forward_buffers", lambda buf: calls.append("bmm") or torch.zeros_like(buf))
+    real_forward = moe.experts.forward
+    monkeypatch.setattr(moe.experts, "forward", lambda x, c: calls.append("ragged") or real_forward(x, c))
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:, :4] = torch.eye(4) * 5
+    full = torch.zeros(8, 8)
+    for i in range(8):
+        full[i, i % 4] = 1.0  # 2 tokens per expert, capacity 2: 100% fill
+    moe(full)
+    skewed = torch.zeros(8, 8)
+    skewed[:, 0] = 1.0  # all to expert 0: 2 of 8 slots used
+    moe(skewed)
+    moe.top_k = 2
+    moe(full)
+    assert calls == ["bmm", "ragged", "ragged"]
+
+
+def test_expert_load_and_mean_gate_values():
+    """README: statistics per call. Planted: mean_gate over padded tokens, expert_load not
+    normalised by the kept choices. Hand computation on 3 real tokens."""
+    moe = SparseMoE(3, 8, num_experts=3, capacity_factor=None, noise_scale=0.0).eval()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3))
+    x = torch.tensor([[[2.0, 0, 0], [0, 1.0, 0], [3.0, 0, 0], [0, 0, 9.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    moe(x, mask=mask)
+    st = moe.aux[None].stats
+    g = F.softmax(x[0, :3], -1)
+    torch.testing.assert_close(st["mean_gate"], g.mean(0))
+    assert st["expert_load"].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])

@@ -11,6 +11,8 @@ from vlmoe.moe import (
     local_entropy_loss,
     z_loss,
 )
+import vlmoe
+from vlmoe.moe import losses
 
 
 def phi(z):
@@ -96,3 +98,74 @@ def test_load_loss_erfc_is_torch_erfc_bit_for_bit(dtype):
     assert torch.equal(fast, ref)
     assert torch.equal(torch.autograd.grad(fast.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
     assert (ref == 0).sum() > 1000 and (ref > 0).sum() > 1000  # both regions are covered
+
+
+# -- moved from test_promises (issues #11, #16) ------------------------------------------------------
+
+
+def _gates_by_layer_and_modality(model, images, texts):
+    """Router probabilities of every MoE call, captured with forward hooks on the routers."""
+    from vlmoe.moe import current_routing_context
+
+    seen = []
+
+    def grab(mod, inp):
+        x = inp[0].reshape(-1, mod.dim).detach().float()
+        modality, mask = current_routing_context()
+        g = (x @ mod.router.weight.detach().float().t()).softmax(-1)
+        seen.append((modality, g if mask is None else g[mask.reshape(-1)]))
+
+    hooks = [m.register_forward_pre_hook(grab) for m in model.moe_layers()]
+    out = model(images, texts)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def test_aux_loss_sums_every_layer_and_modality_with_their_own_weights_and_thresholds():
+    """Planted: aux losses not summed over layers and modalities (0.0175 instead of 0.1023),
+    the per-modality global_entropy_threshold not applied, a per-loss weight not applied.
+    Recomputed here from the routers' probabilities: importance CV^2 and the entropies."""
+    torch.manual_seed(0)
+    model = vlmoe.create_model("limoe-tiny", moe={"noise_scale": 0.0, "importance_weight": 0.003,
+                                                  "local_entropy_weight": 0.02, "global_entropy_weight": 0.05}).train()
+    images = torch.randn(3, 3, 32, 32)
+    texts = vlmoe.get_tokenizer(model)(["a cat", "two dogs on a red sofa", "x"])
+    out, gates = _gates_by_layer_and_modality(model, images, texts)
+    # call order: image tower (MoE blocks 1, 3), then text tower (1, 3); text without padding
+    assert [m for m, _ in gates] == ["image", "image", "text", "text"]
+    assert gates[2][1].shape[0] == int((texts != 0).sum())
+    tau = {"image": 1.386294, "text": 0.693147}
+    total = 0.0
+    for modality, g in gates:
+        imp = g.sum(0)
+        cv2 = imp.var(unbiased=False) / imp.mean() ** 2
+        h_tok = -(g * g.clamp_min(1e-20).log()).sum(-1).mean()
+        p = g.mean(0)
+        h_mean = -(p * p.clamp_min(1e-20).log()).sum()
+        total += 0.003 * cv2 + 0.02 * h_tok + 0.05 * max(0.0, tau[modality] - float(h_mean))
+    assert float(out["aux_loss"]) == pytest.approx(float(total), rel=1e-5, abs=1e-7)
+
+
+MASKED_LOSSES = {
+    "load": lambda g, l, m: losses.load_loss(l, l + 0.2 * torch.arange(l.shape[-1]), 0.5, 1, m),
+    "balance": lambda g, l, m: losses.balance_loss(g, m),
+    "z": lambda g, l, m: losses.z_loss(l, m),
+    "importance": lambda g, l, m: losses.importance_loss(g, m),
+    "local_entropy": lambda g, l, m: losses.local_entropy_loss(g, m),
+    "global_entropy": lambda g, l, m: losses.global_entropy_loss(g, m),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_every_loss_ignores_masked_tokens(name):
+    """Planted: load, balance and z-loss ignoring the token mask. Padding with extreme
+    logits must not change the loss of the real tokens."""
+    torch.manual_seed(0)
+    real = torch.randn(1, 6, 4)
+    pad = torch.full((1, 3, 4), -20.0)
+    pad[..., 1] = 25.0  # padding that would dominate expert 1 if it counted
+    logits = torch.cat([real, pad], 1)
+    mask = torch.tensor([[True] * 6 + [False] * 3])
+    fn = MASKED_LOSSES[name]
+    torch.testing.assert_close(fn(logits.softmax(-1), logits, mask), fn(real.softmax(-1), real, None))

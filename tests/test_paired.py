@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from test_scripts import _load_script
+from helpers import load_script
 
 from vlmoe.eval.paired import paired_difference, t_quantile_975
 
@@ -35,7 +35,7 @@ def test_t_quantiles():
 
 
 def test_demo_puts_its_single_seed_beside_the_paired_report(tmp_path):
-    demo = _load_script("demo")
+    demo = load_script("demo")
     results = [{"model": "limoe-tiny", "seed": 1, "steps": 250, "zeroshot_top1": 0.60},
                {"model": "clip-tiny", "seed": 1, "steps": 250, "zeroshot_top1": 0.63}]
     summary = {"steps": 250, "batch_size": 64, "command": "python scripts/compare.py", "paired": [

@@ -53,7 +53,7 @@ def test_vlmoe_routing_writes_the_promised_files(shards, tmp_path):
     assert html.count("<table>") == 3 and "MoE 1" in html and "e0" in html
     assert summary["files"]["tokens"] == "tokens.html"
     # labelled image-only shards: image pictures, no captions
-    from test_first_contact import png
+    from helpers import png
 
     from vlmoe.data import ShardWriter
 
@@ -77,9 +77,9 @@ def test_vlmoe_routing_refuses_a_dense_model(shards, tmp_path):
 def test_validation_writes_the_routing_pictures(shards, tmp_path):
     from vlmoe.cli import cli_main
 
-    from test_train import fit_args
+    from helpers import train_args
 
-    cli = cli_main(fit_args(shards, tmp_path, steps=2))
+    cli = cli_main(train_args(shards, tmp_path, steps=2))
     routing = Path(cli.trainer.log_dir) / "routing"
     names = sorted(p.name for p in routing.iterdir())
     assert "val_step0000002.png" in names and "val_step0000002_modalities.png" in names

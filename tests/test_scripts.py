@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,17 +90,8 @@ def test_vlmoe_info_json():
     assert rows["limoe-tiny"]["total_params"] > rows["clip-tiny"]["total_params"]
 
 
-def _load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_demo_code_path_shortened(tmp_path, capsys):
-    results = _load_script("demo").main(["--steps", "3", "--batch-size", "8", "--out", str(tmp_path), "--num-workers", "0"])
+    results = load_script("demo").main(["--steps", "3", "--batch-size", "8", "--out", str(tmp_path), "--num-workers", "0"])
     assert [r["model"] for r in results] == ["limoe-tiny", "clip-tiny"]
     for r in results:
         assert 0 <= r["zeroshot_top1"] <= 1 and r["samples_per_sec"] > 0
@@ -112,7 +104,7 @@ def test_demo_code_path_shortened(tmp_path, capsys):
 
 
 def test_compare_report_is_resumable(tmp_path):
-    compare = _load_script("compare")
+    compare = load_script("compare")
     args = ["--seeds", "0", "--steps", "2", "--batch-size", "8", "--variants", "clip-tiny", "limoe-tiny, BPR, cf 0.5",
             "--out", str(tmp_path), "--num-workers", "0"]
     runs = compare.main(args)
@@ -123,7 +115,7 @@ def test_compare_report_is_resumable(tmp_path):
 
 
 def test_moe_demo(capsys):
-    _load_script("moe_demo").main()
+    load_script("moe_demo").main()
     out = capsys.readouterr().out
     assert out.count("| BPR |") == 2 and out.count("| vanilla |") == 2 and "| 8 | 1 | vlmoe |" in out
 
@@ -134,7 +126,7 @@ def test_eval_routing_script_table(shards, capsys, tmp_path):
     import vlmoe
 
     export = str(vlmoe.save_pretrained(vlmoe.create_model("limoe-tiny"), tmp_path / "m"))
-    rows = _load_script("eval_routing").main(["--model", export, "--data", shards["zeroshot"], "--classnames", shards["classnames"],
+    rows = load_script("eval_routing").main(["--model", export, "--data", shards["zeroshot"], "--classnames", shards["classnames"],
                                                "--templates", shards["templates"], "--batch-sizes", "3", "24",
                                                "--routings", "per_example", "dropless"])
     assert [r["routing"] for r in rows] == ["per_example", "dropless"]

@@ -145,7 +145,7 @@ def test_design_configs_train_in_fit(shards, tmp_path, name):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_first_contact import fit_args
+    from helpers import fit_args
 
     from vlmoe.cli import cli_main
 

@@ -43,6 +43,21 @@ def test_sweep_rows_drops_and_flops(shards, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_a_soft_moe_model_gets_one_row_and_refuses_evaluation_routing(shards, tmp_path, capsys):
+    """Soft MoE has no capacity: a sweep gives one row noted as such (it printed rows labelled
+    cf 0.1 and cf 4 with identical top-1), and evaluation-routing flags are refused (they were
+    written into the JSON as if used)."""
+    soft = _export(tmp_path, "limoe-tiny-soft")
+    args = ["--model", soft, "--data", shards["zeroshot"], "--classnames", shards["classnames"], "--templates",
+            shards["templates"], "--num-workers", "0"]
+    rows = zeroshot_main([*args, "--capacity-factor", "0.1", "4", "--batch-priority", "on"])
+    assert len(rows) == 1 and rows[0]["capacity_factor"] is None and rows[0]["note"] == "Soft MoE: no capacity to sweep"
+    assert "per_example (Soft MoE: no capacity to sweep)" in capsys.readouterr().out
+    for flag in (["--eval-capacity-factor", "2"], ["--eval-routing", "batch"]):
+        with pytest.raises(ConfigError, match="has no effect on Soft MoE"):
+            zeroshot_main([*args, *flag])
+
+
 def test_overrides_leave_the_model_as_it_was():
     """Planted: the override not restored (the model keeps the last swept capacity)."""
     model = vlmoe.create_model("limoe-tiny", moe={"text": {"capacity_factor": 2.0}}).eval()
@@ -53,7 +68,7 @@ def test_overrides_leave_the_model_as_it_was():
         assert layer.options_for("text").eval_capacity_factor == 0.25 and layer.options_for("image").batch_priority is False
     assert [(m.options, m.modality_options, m.eval_routing) for m in model.moe_layers()] == before
     assert model.config == config
-    with pytest.raises(ConfigError, match="a capacity factor must be > 0; got 0"):
+    with pytest.raises(ConfigError, match="a capacity factor must be a finite number > 0; got 0"):
         with eval_overrides(model, capacity_factor=0):
             pass
 
@@ -80,7 +95,7 @@ def test_gflops_count_the_kept_rows_as_torch_counts_them(cf):
 
 def test_bad_sweep_input_is_refused(shards):
     common = ["--data", shards["zeroshot"], "--classnames", shards["classnames"], "--templates", shards["templates"], "--num-workers", "0"]
-    with pytest.raises(ConfigError, match="a capacity factor must be > 0; got -1"):
+    with pytest.raises(ConfigError, match="a capacity factor must be a finite number > 0; got -1"):
         zeroshot_main(["--model", "limoe-tiny", "--capacity-factor", "1", "-1", *common])
     with pytest.raises(ConfigError, match="a capacity sweep needs capacity"):
         zeroshot_main(["--model", "limoe-tiny", "--capacity-factor", "1", "--eval-routing", "dropless", *common])

@@ -1,45 +1,27 @@
-import csv
 import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 import vlmoe
 from vlmoe.cli import cli_main
-from vlmoe.data import ClipDataModule, collate
+from vlmoe.data import ClipDataModule
 from vlmoe.train import LIMoEModule
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST = ["--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
-
-
-def fit_args(shards, root, config="limoe_tiny.yaml", steps=4, extra=()):
-    return [
-        "fit", "--config", str(CONFIGS / config),
-        f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}",
-        f"--data.zeroshot_shards={shards['zeroshot']}", f"--data.classnames={shards['classnames']}",
-        f"--data.templates={shards['templates']}", f"--trainer.max_steps={steps}", "--data.batch_size=8",
-        "--data.val_batch_size=8", "--data.samples_per_epoch=16", "--model.warmup_steps=2",
-        f"--trainer.default_root_dir={root}", *FAST, *extra,
-    ]
-
-
-def read_metrics(log_dir: Path) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    with open(log_dir / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            for k, v in row.items():
-                if v not in ("", None):
-                    out.setdefault(k, []).append(float(v))
-    return out
+from helpers import FAST, read_metrics, run_ddp_step, train_args
+import os
+import threading
+from vlmoe.errors import ConfigError
+from vlmoe.moe import SparseMoE
+from vlmoe.train.lightning_cli import claim_version_dir
+from helpers import CONFIGS, fit_args  # noqa: F401
+import types
 
 
 @pytest.mark.parametrize("config,moe", [("limoe_tiny.yaml", True), ("clip_tiny.yaml", False)])
 def test_fit_end_to_end_through_the_cli(shards, tmp_path, config, moe):
-    cli = cli_main(fit_args(shards, tmp_path, config))
+    cli = cli_main(train_args(shards, tmp_path, config))
     trainer = cli.trainer
     assert trainer.global_step == 4
     log_dir = Path(trainer.log_dir)
@@ -64,7 +46,7 @@ def test_fit_end_to_end_through_the_cli(shards, tmp_path, config, moe):
 
 
 def test_validate_and_test_stages_report_metrics(shards, tmp_path):
-    cli = cli_main(fit_args(shards, tmp_path, steps=2))
+    cli = cli_main(train_args(shards, tmp_path, steps=2))
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     for stage in ("validate", "test"):
         args = [stage, "--config", str(CONFIGS / "limoe_tiny.yaml"), f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}",
@@ -94,18 +76,18 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
         seen += batch["image"].shape[0] if "image" in batch else 0
         skipped += int(batch["skipped"])
     assert (seen, skipped) == (54, 6)
-    cli = cli_main(fit_args({**shards, "train": shards["bad"]}, tmp_path, steps=6, extra=["--data.samples_per_epoch=48"]))
+    cli = cli_main(train_args({**shards, "train": shards["bad"]}, tmp_path, steps=6, extra=["--data.samples_per_epoch=48"]))
     metrics = read_metrics(Path(cli.trainer.log_dir))
     assert cli.trainer.global_step == 6 and metrics["data/skipped_samples"][-1] > 0
 
 
 def test_resume_continues_steps_and_optimizer_state(shards, tmp_path):
-    first = cli_main(fit_args(shards, tmp_path / "a", steps=3, extra=["--model.checkpoint_every_n_steps=2"]))
+    first = cli_main(train_args(shards, tmp_path / "a", steps=3, extra=["--model.checkpoint_every_n_steps=2"]))
     ckpt_dir = Path(first.trainer.log_dir) / "checkpoints"
     assert (ckpt_dir / "step0000002.ckpt").exists() and (ckpt_dir / "last.ckpt").exists()
     saved = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3 and saved["optimizer_states"][0]["state"]
-    second = cli_main(fit_args(shards, tmp_path / "b", steps=5, extra=[f"--ckpt_path={ckpt_dir / 'last.ckpt'}"]))
+    second = cli_main(train_args(shards, tmp_path / "b", steps=5, extra=[f"--ckpt_path={ckpt_dir / 'last.ckpt'}"]))
     assert second.trainer.global_step == 5
     opt_state = second.trainer.optimizers[0].state_dict()["state"]
     assert int(next(iter(opt_state.values()))["step"]) == 5  # Adam's step counter carried over
@@ -127,56 +109,12 @@ def test_bad_input_fails_early_and_clearly(shards, tmp_path):
     with pytest.raises(vlmoe.errors.ConfigError, match="unrecognized arguments: --data.no_such_key=1"):  # one line, not usage
         cli_main(["fit", "--config", str(CONFIGS / "limoe_tiny.yaml"), "--data.no_such_key=1"])
     with pytest.raises(FileNotFoundError):
-        cli_main(fit_args(shards, tmp_path, steps=1, extra=[f"--ckpt_path={tmp_path / 'missing.ckpt'}"]))
-
-
-class PairDataset(Dataset):
-    """A fixed global batch, served in order."""
-
-    def __init__(self, n=8, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 32, 32, generator=g)
-        tok = vlmoe.get_tokenizer(16)
-        self.texts = tok([f"a caption number {i} of {'many ' * (i % 3)}words" for i in range(n)])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "text": self.texts[i], "skipped": 0}
-
-
-class SaveGrads(L.Callback):
-    def __init__(self, path):
-        self.path = path
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if trainer.global_step == 0 and trainer.global_rank == 0:
-            torch.save({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}, self.path)
-
-
-NO_AUX = {"moe": {"capacity_factor": None, "noise_scale": 0.0, "importance_weight": 0.0, "load_weight": 0.0,
-                  "local_entropy_weight": 0.0, "global_entropy_weight": 0.0}}
-
-
-def _run(devices, per_device_batch, path, overrides=NO_AUX):
-    torch.manual_seed(0)
-    module = LIMoEModule("limoe-tiny", model_overrides=overrides, warmup_steps=1)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
-        default_root_dir=str(path.parent),
-        callbacks=[SaveGrads(path)], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(PairDataset(), batch_size=per_device_batch, shuffle=False, collate_fn=collate)
-    trainer.fit(module, train_dataloaders=loader)
-    assert not (path.parent / "checkpoints").exists()  # enable_checkpointing=False is respected
-    return torch.load(path, weights_only=True)
+        cli_main(train_args(shards, tmp_path, steps=1, extra=[f"--ckpt_path={tmp_path / 'missing.ckpt'}"]))
 
 
 def test_two_process_ddp_gradients_equal_single_process(tmp_path):
-    single = _run(1, 8, tmp_path / "single.pt")
-    ddp = _run(2, 4, tmp_path / "ddp.pt")  # each rank sees half, the loss the global batch
+    single = run_ddp_step(1, 8, tmp_path / "single.pt")
+    ddp = run_ddp_step(2, 4, tmp_path / "ddp.pt")  # each rank sees half, the loss the global batch
     assert single.keys() == ddp.keys() and len(single) > 50
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4, msg=k)
@@ -238,7 +176,7 @@ def test_make_shards_and_export_scripts(tmp_path, shards):
     labels = torch.cat([b["label"] for b in dm.val_dataloader()[0]])
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
-    cli = cli_main(fit_args(shards, tmp_path / "run", steps=1, extra=['--model.model_overrides={"moe": {"num_experts": 4}}']))
+    cli = cli_main(train_args(shards, tmp_path / "run", steps=1, extra=['--model.model_overrides={"moe": {"num_experts": 4}}']))
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     run("scripts/export.py", str(ckpt), str(tmp_path / "export"))
     model = vlmoe.create_model(str(tmp_path / "export"))
@@ -249,7 +187,7 @@ def test_make_shards_and_export_scripts(tmp_path, shards):
 
 @pytest.mark.parametrize("routing_groups", ["per_modality", "joint"])
 def test_bf16_mixed_and_grad_checkpointing_fit(shards, tmp_path, routing_groups):
-    cli = cli_main(fit_args(shards, tmp_path, steps=2, extra=[
+    cli = cli_main(train_args(shards, tmp_path, steps=2, extra=[
         "--trainer.precision=bf16-mixed", "--model.grad_checkpointing=true",
         f'--model.model_overrides={{"moe": {{"routing_groups": "{routing_groups}"}}}}']))
     assert cli.trainer.global_step == 2
@@ -318,3 +256,137 @@ def test_every_shipped_config_parses(config, capsys):
     assert e.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model_name:" in printed and "trainer:" in printed
+
+
+# -- moved from test_first_contact (issues #11, #16) -------------------------------------------------
+
+
+# -- 9: silent wrong results and lost data ---------------------------------------------------------
+def test_ckpt_path_never_silently_replaces_the_configured_model(shards, tmp_path, capsys):
+    first = cli_main(fit_args(shards, tmp_path / "a", steps=1, config="clip_tiny.yaml"))
+    ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="holds a clip-tiny model .* but the config asks for limoe-tiny"):
+        cli_main(fit_args(shards, tmp_path / "b", steps=2, config="limoe_tiny.yaml", extra=[f"--ckpt_path={ckpt}"]))
+    # a flag given on a resume wins, and the run's config says what ran
+    resumed = cli_main(fit_args(shards, tmp_path / "c", steps=2, config="clip_tiny.yaml", extra=[f"--ckpt_path={ckpt}", "--model.lr=0.5"]))
+    assert resumed.model.hparams.lr == 0.5 and resumed.trainer.global_step == 2
+    assert "--model.lr=0.5 from the config / command line replaces the checkpoint's 0.001" in capsys.readouterr().err
+    saved = (Path(resumed.trainer.log_dir) / "config.yaml").read_text()
+    assert "lr: 0.5" in saved and "model_name: clip-tiny" in saved
+    # nothing said about the model: the checkpoint's model is resumed
+    adopted = cli_main(fit_args(shards, tmp_path / "d", steps=2, config=None, extra=[f"--ckpt_path={ckpt}", "--trainer.accelerator=cpu"]))
+    assert adopted.model.hparams.model_name == "clip-tiny" and adopted.model.hparams.lr == 1e-3
+
+
+def test_runs_started_at_once_claim_distinct_output_folders(tmp_path):
+    """Defect 9: two fits into the same folder both wrote version_0."""
+    barrier = threading.Barrier(12)
+    got = []
+
+    def claim():
+        barrier.wait()
+        got.append(claim_version_dir(tmp_path))
+
+    threads = [threading.Thread(target=claim) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got) == list(range(12))
+    (tmp_path / "readonly").mkdir()
+    os.chmod(tmp_path / "readonly", 0o500)
+    if os.geteuid() != 0:  # root writes anyway
+        with pytest.raises(ConfigError, match="cannot create the output folder"):
+            claim_version_dir(tmp_path / "readonly" / "x")
+
+
+# -- 10: interrupted runs ----------------------------------------------------------------------
+def test_checkpoint_writes_stay_in_the_run_folder(tmp_path, monkeypatch):
+    """Defect 10: a killed save left a truncated file in the system temp folder. Here the
+    rename is made to fail, as if the process died before it."""
+    import tempfile
+
+    from vlmoe.train.module import AtomicCheckpointIO
+
+    sysdir = tmp_path / "systmp"
+    sysdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(sysdir))
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io_ = AtomicCheckpointIO()
+    io_.save_checkpoint({"step": 1}, path)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        io_.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the previous checkpoint is intact
+    assert (tmp_path / "ckpts" / ".last.ckpt.partial").exists() and not list(sysdir.iterdir())
+
+
+# -- moved from test_promises (issues #11, #16) ------------------------------------------------------
+
+
+def test_learning_rate_is_linear_warmup_then_cosine():
+    """README: linear warmup + cosine to min_lr_ratio * lr at max_steps. Planted: the
+    warmup off by one step, the cosine without its min_lr floor."""
+    module = LIMoEModule("clip-tiny", lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=14)
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(15):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.25, 0.5, 0.75, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(11)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_routing_picture_goes_to_tensorboard_when_the_logger_has_one(shards, tmp_path):
+    """README: the routing picture is a PNG in <log_dir>/routing and is sent to TensorBoard
+    (any logger whose experiment has add_figure)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    figures = []
+
+    class FigureLogger(CSVLogger):
+        @property
+        def experiment(self):
+            exp = super().experiment
+            exp.add_figure = lambda tag, fig, step: figures.append((tag, step, fig.axes[0].get_title()))
+            return exp
+
+    module = LIMoEModule("limoe-tiny")
+    dm = ClipDataModule(val_shards=shards["val"], batch_size=8, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", logger=FigureLogger(str(tmp_path)), enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.validate(module, datamodule=dm)
+    assert figures == [("val/routing", 0, "val routing at step 0")]
+    assert module.last_routing_picture.is_file() and module.last_routing_picture.parent.name == "routing"
+
+
+def test_bf16_and_activation_checkpointing_are_active_in_the_fit_that_claims_them(shards, tmp_path, monkeypatch):
+    """README: --trainer.precision bf16-mixed and --model.grad_checkpointing true. Planted:
+    grad_checkpointing not applied by the module."""
+    from vlmoe.cli import cli_main
+
+    from helpers import train_args
+
+    calls = {"checkpoint": 0, "bf16": 0}
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*a, **k):
+        calls["checkpoint"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    orig_forward = SparseMoE.forward
+
+    def record(self, x, *a, **k):
+        calls["bf16"] += x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+        return orig_forward(self, x, *a, **k)
+
+    monkeypatch.setattr(SparseMoE, "forward", record)
+    cli = cli_main(train_args(shards, tmp_path, steps=1, extra=["--trainer.precision=bf16-mixed", "--model.grad_checkpointing=true",
+                                                               "--data.val_shards=null", "--data.zeroshot_shards=null"]))
+    assert cli.trainer.global_step == 1
+    assert calls["checkpoint"] >= 8  # 4 image + 4 text blocks of limoe-tiny, one training step
+    assert calls["bf16"] >= 4  # every MoE call of the step ran under bf16 autocast

@@ -1,10 +1,8 @@
 """Every user mistake is one `PROG: error:` line with status 2, no traceback (issue #23).
 Console scripts run as installed scripts in subprocesses; API mistakes are raised in process."""
 import json
-import math
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

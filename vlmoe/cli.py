@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from .errors import ConfigError, DataError, VLMoEError
+from .errors import ConfigError, DataError, VLMoEError, check_number
 
 __all__ = ["info_main", "cli_main", "zeroshot_main", "routing_main", "routing_console", "folder_labels", "vlmoe_console", "info_console", "zeroshot_console", "run_console"]
 
@@ -246,8 +246,8 @@ def zeroshot_main(argv: list[str] | None = None) -> list[dict]:
         raise ConfigError("--eval-capacity-factor has no effect with --eval-routing dropless (dropless routing has no "
                           "capacity): drop one of them")
     for cf in [a.eval_capacity_factor, *(a.capacity_factor or [])]:
-        if cf is not None and not cf > 0:
-            raise ConfigError(f"a capacity factor must be > 0; got {cf:g}")
+        if cf is not None:
+            check_number("a capacity factor", cf, 0.0, above=True)
     if a.capacity_factor and a.eval_routing == "dropless":
         raise ConfigError("a capacity sweep needs capacity: use --eval-routing per_example or batch, not dropless")
     classnames, templates = load_classnames(a.classnames), load_templates(a.templates)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import ConfigError
+from ..errors import check_number
 from ..moe import MoEBase, moe_layers
 from ..moe.base import eval_settings_kept
 
@@ -23,8 +23,8 @@ def eval_overrides(model, capacity_factor: float | None = None, batch_priority: 
     """Inside the block, eval-mode forwards of every MoE layer use this capacity factor
     (every modality), BPR setting and routing; the model's own settings are back afterwards.
     A layer that cannot use a setting (Soft MoE, expert choice and BPR) refuses it."""
-    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-        raise ConfigError(f"a capacity factor must be > 0; got {capacity_factor!r}")
+    if capacity_factor is not None:
+        check_number("a capacity factor", capacity_factor, 0.0, above=True)
     layers = moe_layers(model)
     with eval_settings_kept(layers):
         for m in layers:

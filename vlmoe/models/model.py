@@ -18,6 +18,7 @@ from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
 
 from ..moe import MoEBase, collect_aux, moe_layers, routing_context
+from ..moe.record import is_modality_key
 from ..errors import ConfigError
 from .moe_config import ROUTING_GROUPS, MoEConfig, resolve_layers
 from .towers import TimmImageTower, checkpointed_forward, install_model_moe, tower_blocks
@@ -153,7 +154,7 @@ class VLMoEModel(CLIP):
     def _reset_aux(self, modality: str) -> None:
         """Drop the previous records of this modality (a depth-shared layer keeps one per call)."""
         for m in self.moe_layers():
-            for k in [k for k in m.aux if k == modality or str(k).startswith(f"{modality}#")]:
+            for k in [k for k in m.aux if is_modality_key(k, modality)]:
                 del m.aux[k]
 
     def encode_image(self, image, normalize: bool = False):

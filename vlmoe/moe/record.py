@@ -141,7 +141,7 @@ def record_key(records: dict, modality: str | None, every_call: bool) -> str | N
     the records."""
     if not every_call or modality not in records:
         return modality
-    return f"{modality}#{sum(1 for k in records if k == modality or str(k).startswith(f'{modality}#'))}"
+    return f"{modality}#{sum(1 for k in records if is_modality_key(k, modality))}"
 
 
 def is_modality_key(key, modality: str) -> bool:
