@@ -60,10 +60,13 @@ class MoEBase(nn.Module):
     each function in `observers` is called with (layer, modality, aux): the way meters see
     every call, including the calls a joint forward makes."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, *, act_layer, bias: bool, implementation: str,
-                 expert_type: str, num_shared_experts: int, shared_expert_gate: bool):
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, *, router: nn.Module, act_layer, bias: bool,
+                 implementation: str, expert_type: str, num_shared_experts: int, shared_expert_gate: bool):
         super().__init__()
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        # The router first: parameters (and so the optimiser's and the gradient norm's order)
+        # and the random numbers drawn at construction stay in the order of earlier releases.
+        self.router = router
         self.experts = Experts(num_experts, dim, hidden_dim, act_layer=act_layer, bias=bias,
                                implementation=implementation, expert_type=expert_type)
         self.num_shared_experts = num_shared_experts

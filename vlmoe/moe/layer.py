@@ -104,14 +104,13 @@ class SparseMoE(MoEBase):
         if config.router == "soft":
             raise ConfigError("router='soft' is Soft MoE: build it with vlmoe.moe.SoftMoE (or build_layer)")
         cfg = config.resolve()
-        super().__init__(dim, hidden_dim or 4 * dim, cfg.num_experts, act_layer=act_layer, bias=bias,
-                         implementation=cfg.implementation, expert_type=cfg.expert_type,
+        super().__init__(dim, hidden_dim or 4 * dim, cfg.num_experts, router=nn.Linear(dim, cfg.num_experts, bias=False),
+                         act_layer=act_layer, bias=bias, implementation=cfg.implementation, expert_type=cfg.expert_type,
                          num_shared_experts=cfg.num_shared_experts, shared_expert_gate=cfg.shared_expert_gate)
         self.config = cfg
         self.policy = make_router(cfg)
         self.options, self.modality_options = cfg.options(), cfg.modality_options()
         self.eval_routing = cfg.eval_routing
-        self.router = nn.Linear(dim, cfg.num_experts, bias=False)
         self.balancer = BiasBalance(cfg.num_experts, cfg.bias_update_rate, cfg.bias_per_modality) if cfg.balance == "bias" else None
         self.padded_min_fill = 0.85
         self.init_weights()

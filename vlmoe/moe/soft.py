@@ -59,19 +59,18 @@ class SoftMoE(MoEBase):
                 raise ConfigError(f"slots_per_expert must be an integer >= 1 (or {{modality: integer}}); got {cfg.slots_per_expert!r}")
         if not per_modality or set(per_modality) - {None, "image", "text"}:
             raise ConfigError(f"slots_per_expert per modality takes 'image' and 'text'; got {cfg.slots_per_expert!r}")
-        super().__init__(dim, hidden_dim or 4 * dim, cfg.num_experts, act_layer=act_layer, bias=bias,
-                         implementation=cfg.implementation, expert_type=cfg.expert_type,
+        # A top-k-sized router first, initialised and then replaced by the slot parameters:
+        # the random numbers are drawn in the order SoftMoE drew them as a SparseMoE subclass,
+        # so a seed gives the same model.
+        super().__init__(dim, hidden_dim or 4 * dim, cfg.num_experts, router=nn.Linear(dim, cfg.num_experts, bias=False),
+                         act_layer=act_layer, bias=bias, implementation=cfg.implementation, expert_type=cfg.expert_type,
                          num_shared_experts=cfg.num_shared_experts, shared_expert_gate=cfg.shared_expert_gate)
         self.config = cfg
         self.eval_routing = "per_example"
         self.slots = per_modality
         self.slots_per_expert = max(per_modality.values())  # slot parameters per expert
         self.normalize = normalize
-        # Draw the random numbers in the order SoftMoE did as a SparseMoE subclass (a top-k
-        # router drawn and initialised before the experts): a seed gives the same model.
-        nn.init.normal_(nn.Linear(dim, cfg.num_experts, bias=False).weight, std=1.0 / math.sqrt(dim))
-        self.experts.init_weights()
-        self.init_shared()
+        self.init_weights()
         # Phi: one row per slot (expert-major: slots e*s ... e*s+s-1 belong to expert e)
         self.router = nn.Linear(dim, cfg.num_experts * self.slots_per_expert, bias=False)
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
