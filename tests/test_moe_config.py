@@ -147,6 +147,11 @@ def test_expert_choice_refuses_top_k_and_routes_by_capacity():
     assert SparseMoE(D, H, num_experts=E, router="expert_choice", top_k=1).top_k == 1
 
 
+def test_per_modality_options_must_be_a_mapping():
+    with pytest.raises(ConfigError, match=r"^moe.text takes routing options per modality"):
+        vlmoe.create_model("limoe-tiny", moe={"text": "capacity_factor=2"})
+
+
 def test_options_without_their_subject_are_refused():
     """slots_per_expert under 'topk' and bias_update_rate without balance 'bias' were ignored;
     a load loss without router noise was silently never computed."""

@@ -8,7 +8,7 @@ and text tokens apart); a layer holds one for itself and one per overridden moda
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError, check_int, check_number
@@ -127,6 +127,9 @@ class LayerConfig:
         value or a setting the router would not use raises one ConfigError line."""
         if self.router not in ALL_ROUTERS:
             raise ConfigError(f"unknown router {self.router!r}; choose one of {ALL_ROUTERS}")
+        for m in MODALITIES:
+            if not isinstance(getattr(self, m), dict):
+                raise ConfigError(f"moe.{m} takes routing options per modality, e.g. {{capacity_factor: 2.0}}; got {getattr(self, m)!r}")
         self._refuse_unused()
         self._check_values()
         r = self.router
@@ -191,10 +194,7 @@ class LayerConfig:
         if self.noise_scale is not None:
             check_number("noise_scale", self.noise_scale)
         for m in MODALITIES:
-            o = getattr(self, m)
-            if not isinstance(o, dict):
-                raise ConfigError(f"moe.{m} takes routing options per modality, e.g. {{capacity_factor: 2.0}}; got {o!r}")
-            unknown = set(o) - set(OPTION_NAMES)
+            unknown = set(getattr(self, m)) - set(OPTION_NAMES)
             if unknown:
                 raise ConfigError(f"unknown routing option(s) {sorted(unknown)} for modality {m!r}; known: {sorted(OPTION_NAMES)}")
         for where, opts in ("", self), *((f" (moe.{m})", _Given(getattr(self, m))) for m in MODALITIES):
@@ -239,11 +239,6 @@ class LayerConfig:
     def modality_options(self) -> dict[str, RoutingOptions]:
         base = self.options()
         return {m: replace(base, **getattr(self, m)) for m in MODALITIES if getattr(self, m)}
-
-    def changed(self) -> dict[str, Any]:
-        """The fields that differ from their defaults (for a compact repr)."""
-        d = asdict(LayerConfig())
-        return {k: v for k, v in asdict(self).items() if d[k] != v}
 
     @classmethod
     def from_layer_kwargs(cls, modality_overrides: dict | None = None, **kw: Any) -> "LayerConfig":
