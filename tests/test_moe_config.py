@@ -141,7 +141,10 @@ def test_limoe_settings_copied_onto_soft_moe_are_refused():
 
 
 def test_expert_choice_refuses_top_k_and_routes_by_capacity():
-    """Defect: router 'expert_choice' with top_k 99 was accepted and routed with K = 1."""
+    """Defect: router 'expert_choice' with top_k 99 was accepted and routed with K = 1. An
+    evaluation-time BPR override is refused too (planted: expert choice said to prioritise)."""
+    with pytest.raises(ConfigError, match="batch_priority has no effect with router='expert_choice'"):
+        SparseMoE(D, H, num_experts=E, router="expert_choice").configure_eval(batch_priority=False)
     with pytest.raises(ConfigError, match=r"router='expert_choice' routes to exactly 1 expert\(s\); got top_k=99"):
         SparseMoE(D, H, num_experts=E, router="expert_choice", top_k=99)
     assert SparseMoE(D, H, num_experts=E, router="expert_choice", top_k=1).top_k == 1

@@ -22,7 +22,7 @@ def _dropless(model):
     saved = [(m, m.experts.implementation) for m in layers]
     with eval_settings_kept(layers):
         for m in layers:
-            if m.routes_tokens and m.router_name != "expert_choice":
+            if m.routes_tokens and m.policy.dropless_ok():
                 m.configure_eval(eval_routing="dropless")
             m.experts.implementation = "loop"
         try:

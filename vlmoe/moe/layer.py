@@ -165,8 +165,8 @@ class SparseMoE(MoEBase):
             check_number("eval_capacity_factor", eval_capacity_factor, 0.0, above=True)
             change["eval_capacity_factor"] = float(eval_capacity_factor)
         if batch_priority is not None:
-            if self.router_name == "expert_choice":
-                raise ConfigError("batch_priority has no effect with router='expert_choice': the experts pick their tokens")
+            if not self.policy.prioritises():
+                raise ConfigError(f"batch_priority has no effect with router={self.router_name!r}: the experts pick their tokens")
             change["batch_priority"] = bool(batch_priority)
         if change:
             self.options = replace(self.options, **change)
@@ -219,11 +219,9 @@ class SparseMoE(MoEBase):
         """The share of the routed experts' parameters a token uses on average in evaluation:
         K/E for token choice; for expert choice, which takes cf x tokens rows in all, the
         evaluation capacity factor / E (at most 1)."""
-        if self.router_name != "expert_choice":
-            return self.top_k / self.num_experts
         opts = self.options_for(modality)
         cf = opts.eval_capacity_factor if opts.eval_capacity_factor is not None else opts.capacity_factor
-        return min(cf / self.num_experts, 1.0)
+        return self.policy.active_fraction(self.num_experts, cf)
 
     # -- routing ---------------------------------------------------------------------------
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ class RoutingRecord:
         out: dict[str, torch.Tensor] = {}
         if on("importance"):
             out["importance"] = L.importance_loss(group(clean), mask_GS)
-        if on("load") and self.noise_std > 0 and router.name != "expert_choice":
+        if on("load") and self.noise_std > 0:  # expert choice: refused by its configuration
             out["load"] = L.load_loss(group(logits), group(noisy), self.noise_std, router.choices_per_token, mask_GS)
         if on("balance"):
             out["balance"] = L.balance_loss(group(gates), mask_GS)

@@ -74,6 +74,14 @@ class Router:
     def dropless_ok(self) -> bool:
         return True
 
+    def prioritises(self) -> bool:
+        """Whether tokens compete for an expert's capacity in an order (BPR or position)."""
+        return True
+
+    def active_fraction(self, num_experts: int, capacity_factor: float | None) -> float:
+        """The share of the routed experts' parameters a token uses on average."""
+        return self.choices_per_token / num_experts
+
 
 class TokenChoice(Router):
     """Each token picks its top-k experts; an expert takes its choices up to its capacity."""
@@ -150,6 +158,13 @@ class ExpertChoice(Router):
 
     def dropless_ok(self) -> bool:
         return False
+
+    def prioritises(self) -> bool:
+        return False
+
+    def active_fraction(self, num_experts: int, capacity_factor: float | None) -> float:
+        """The experts take capacity_factor x tokens rows in all: cf / E per token (at most 1)."""
+        return min(capacity_factor / num_experts, 1.0)
 
 
 def make_router(cfg: LayerConfig) -> Router:
