@@ -11,7 +11,7 @@
 """
 from . import parallel
 from .balance import BiasBalance, update_biases
-from .base import MoEBase, current_routing_context, moe_layers, routing_context
+from .base import MoEBase, check_finite, current_routing_context, moe_layers, routing_context
 from .config import ROUTERS, LayerConfig, RoutingOptions
 from .experts import Experts, grouped_mm_supported
 from .layer import SparseMoE, build_layer, collect_aux
@@ -31,7 +31,7 @@ from .soft import SoftMoE
 
 __all__ = [
     "parallel", "Experts", "grouped_mm_supported", "ROUTERS", "MoEAux", "RoutingOptions", "LayerConfig", "SparseMoE",
-    "SoftMoE", "MoEBase", "build_layer", "moe_layers", "RoutingRecord", "Assignment", "Router", "TokenChoice",
+    "SoftMoE", "MoEBase", "build_layer", "moe_layers", "check_finite", "RoutingRecord", "Assignment", "Router", "TokenChoice",
     "ExpertChoice", "BiasBalance", "update_biases",
     "collect_aux", "current_routing_context", "routing_context", "balance_loss", "cv_squared", "global_entropy_loss",
     "importance_loss", "load_loss", "local_entropy_loss", "z_loss", "Routing", "compute_capacity",

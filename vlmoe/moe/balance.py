@@ -49,13 +49,12 @@ class BiasBalance(nn.Module):
         """Add the load the routing asked of each expert: the choices of real tokens, dropped
         or not (per modality with a per-modality bias)."""
         E = self.num_experts
-        chosen_N = mask_GS.reshape(-1).index_select(0, a.token_N)
-        cell_N = a.expert_N[chosen_N]
+        chosen_N = mask_GS.reshape(-1).index_select(0, a.token_N)  # a real token's choice (fixed size)
+        cell_N = a.expert_N
         if self.per_modality:
-            r = row if isinstance(row, int) else group(row).reshape(-1).index_select(0, a.token_N[chosen_N])
+            r = row if isinstance(row, int) else group(row).reshape(-1).index_select(0, a.token_N)
             cell_N = r * E + cell_N
-        load = torch.bincount(cell_N, minlength=self.load.numel())
-        self.load += load.view_as(self.load).to(self.load.dtype)
+        self.load.view(-1).index_add_(0, cell_N, chosen_N.to(self.load.dtype))
 
     @torch.no_grad()
     def step(self, load_E: torch.Tensor) -> None:

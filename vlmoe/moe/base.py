@@ -16,7 +16,7 @@ from .experts import Experts
 from .record import MoEAux, record_key
 from ..errors import ConfigError
 
-__all__ = ["MoEBase", "routing_context", "current_routing_context", "eval_settings_kept", "moe_layers"]
+__all__ = ["MoEBase", "routing_context", "current_routing_context", "eval_settings_kept", "moe_layers", "check_finite"]
 
 _CONTEXT: contextvars.ContextVar[tuple[str | None, torch.Tensor | None]] = contextvars.ContextVar(
     "vlmoe_routing_context", default=(None, None)
@@ -81,6 +81,9 @@ class MoEBase(nn.Module):
         self.observers: list[Callable] = []
         # Set to a list to record each call's per-token routing (top-1 expert, kept or not).
         self.capture: list[dict] | None = None
+        # Whether any call's router logits were NaN/inf since `check_finite` last looked: kept
+        # on the device (checking each call would read it back to the host every time).
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
 
     top_k = _setting("top_k")
     router_name = property(lambda self: self.config.router)
@@ -128,6 +131,12 @@ class MoEBase(nn.Module):
             y_TD = y_TD * torch.sigmoid(self.shared_gate(x_TD))
         return out_TD + y_TD
 
+    def _note_finite(self, logits: torch.Tensor) -> None:
+        """Remember, on the device, whether these router logits held a NaN or inf (max |x|
+        propagates both: one reduction); `check_finite` raises on it."""
+        if logits.numel():
+            self.nonfinite.logical_or_(~torch.isfinite(logits.detach().abs().amax()))
+
     def _record(self, modality: str | None, aux: MoEAux) -> None:
         self.aux[record_key(self.aux, modality, self.record_every_call)] = aux
         for observe in self.observers:
@@ -173,6 +182,26 @@ def eval_settings_kept(layers) -> Iterator[None]:
     finally:
         for m, state in saved:
             m.load_eval_state(state)
+
+
+def check_finite(module: nn.Module) -> None:
+    """Raise FloatingPointError if any MoE layer of `module` saw NaN or inf router logits since
+    the last check, naming the layers; then start counting afresh. One host read for all the
+    layers: the layers only note it on the device, so that a step has no host sync. The
+    training module calls this on each logging step (`log_every_n_steps`) and after each
+    evaluation; call it yourself when you drive the layers directly."""
+    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoEBase)]
+    if not layers:
+        return
+    flags = torch.stack([m.nonfinite.to(layers[0][1].nonfinite.device) for _, m in layers]).cpu()
+    for _, m in layers:
+        m.nonfinite.zero_()
+    bad = list(dict.fromkeys(name or "(the layer)" for (name, _), f in zip(layers, flags.tolist()) if f))
+    if bad:
+        raise FloatingPointError(
+            f"MoE router logits were not finite (NaN/inf) in {', '.join(bad)} since the last check: the input or "
+            f"the router weights have diverged; lower the learning rate or enable gradient clipping"
+        )
 
 
 def moe_layers(module: nn.Module) -> list[MoEBase]:

@@ -24,7 +24,6 @@ from .config import BIAS_MODALITIES, EVAL_ROUTING, ROUTERS, UNION_OPTIONS, Layer
 from .joint import pack, scatter_tokens, unpack
 from .record import MODALITY_LOSSES, UNION_LOSSES, MoEAux, RoutingRecord, group_tokens
 from .routers import make_router
-from .routing import _all_finite
 from ..errors import ConfigError, check_int, check_number
 
 __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "LayerConfig", "routing_context", "current_routing_context",
@@ -112,7 +111,6 @@ class SparseMoE(MoEBase):
         self.options, self.modality_options = cfg.options(), cfg.modality_options()
         self.eval_routing = cfg.eval_routing
         self.balancer = BiasBalance(cfg.num_experts, cfg.bias_update_rate, cfg.bias_per_modality) if cfg.balance == "bias" else None
-        self.padded_min_fill = 0.85
         self.init_weights()
 
     expert_bias = property(lambda self: self.balancer.expert_bias if self.balancer is not None else None)
@@ -234,11 +232,7 @@ class SparseMoE(MoEBase):
         the row the tokens use (an int, or one per token [T])."""
         E = self.num_experts
         logits_TE = self.router_logits(x_TD)
-        if not _all_finite(logits_TE):
-            raise FloatingPointError(
-                "SparseMoE router logits are not finite (NaN/inf): the input or the router weights "
-                "have diverged; lower the learning rate or enable gradient clipping"
-            )
+        self._note_finite(logits_TE)
         noise_std = self.noise_scale / E
         noisy = self.training and noise_std > 0
         noisy_logits_TE = logits_TE + noise_std * torch.randn_like(logits_TE) if noisy else logits_TE
@@ -251,42 +245,57 @@ class SparseMoE(MoEBase):
         if b is not None and self.training and not _in_backward():
             # a checkpointed forward recomputed in backward is not counted twice
             b.count(a, mask_GS, bias_row, lambda t: group_tokens(t, S, 0))
-        kept_M = (a.slot_N >= 0).nonzero().squeeze(1)
-        return RoutingRecord(logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, noise_std if noisy else 0.0, a,
-                             kept_M, a.token_N[kept_M], a.expert_N[kept_M])
+        return RoutingRecord(logits_TE, noisy_logits_TE, clean_gates_TE, gates_TE, noise_std if noisy else 0.0, a)
 
     def _compute(self, x_TD, r: RoutingRecord, G: int) -> torch.Tensor:
         """The experts' weighted outputs for the kept assignments, summed per token."""
-        E, D, a, kept_M = self.num_experts, self.dim, r.assignment, r.kept_M
-        token_M, expert_M, weight_M = r.token_M, r.expert_M, a.weight_N[kept_M]
+        a, impl = r.assignment, self.experts.implementation
+        if a.capacity is not None and self.ep is None and impl in ("auto", "bmm"):
+            return self._compute_buffers(x_TD, a, G)
+        return self._compute_ragged(x_TD, a, G)
+
+    def _compute_buffers(self, x_TD, a, G: int) -> torch.Tensor:
+        """V-MoE's layout, every shape static: per-expert buffers [E, G*C, D], C the buffer
+        capacity from the group length; buffer row (expert, group, slot) holds the token that
+        took that slot, an empty slot a row of zeros. Every assignment (dropped ones too, with
+        weight 0 and the spare row R) reads its row back, so nothing is selected on the host."""
+        E, D, C = self.num_experts, self.dim, a.capacity
+        T, R = x_TD.shape[0], self.num_experts * G * a.capacity
+        kept_N = a.kept_N
+        row_N = torch.where(kept_N, (a.expert_N * G + a.group_N) * C + a.slot_N, R)
+        # kept choices are real tokens (< T); T is the zero row, R the dropped choices' spare row
+        token_N = torch.where(kept_N, a.token_N, T)
+        source_R = torch.full((R + 1,), T, dtype=torch.long, device=x_TD.device).scatter_(0, row_N, token_N)[:R]
+        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, D)])
+        y_RD = self.experts.forward_buffers(x_pad.index_select(0, source_R).view(E, G * C, D)).reshape(R, D)
+        y_ND = torch.cat([y_RD, y_RD.new_zeros(1, D)]).index_select(0, row_N)
+        out_TD = x_TD.new_zeros(T + 1, D)
+        out_TD.index_add_(0, token_N, y_ND.to(x_TD.dtype) * a.weight_N.to(x_TD.dtype).unsqueeze(-1))
+        return out_TD[:T]
+
+    def _compute_ragged(self, x_TD, a, G: int) -> torch.Tensor:
+        """Only the kept rows, grouped by expert: the dropless, expert-parallel and explicit
+        grouped_mm / loop path. Its sizes depend on the data (one host read each for the kept
+        rows and, dropless, the longest queue)."""
+        E = self.num_experts
+        kept_M = a.kept_N.nonzero().squeeze(1)
+        token_M, expert_M, weight_M = a.token_N[kept_M], a.expert_N[kept_M], a.weight_N[kept_M]
         slot_M, group_M = a.slot_N[kept_M], a.group_N[kept_M]
         M = kept_M.numel()
-        counts_E = torch.bincount(expert_M, minlength=E)
-        C = a.capacity if a.capacity is not None else (int(slot_M.max()) + 1 if M else 1)
-        impl = self.experts.implementation
-        # Padded buffers waste rows on empty slots but run as one batched matmul with the
-        # bias fused. Measured with scripts/bench_moe.py on 2 CPU cores they win for top-1
-        # at >= 85% fill; for top-2 the ragged grouped_mm path won even at 98% fill.
-        padded = self.top_k == 1 and M >= self.padded_min_fill * E * G * C
-        if self.ep is None and (impl == "bmm" or (impl == "auto" and padded)):
-            # V-MoE layout: per-expert buffers [E, G*C, D] filled by (expert, group, slot).
-            row_M = (expert_M * G + group_M) * C + slot_M
-            buf_RD = x_TD.new_zeros(E * G * C, D).index_copy_(0, row_M, x_TD.index_select(0, token_M))
-            y_RD = self.experts.forward_buffers(buf_RD.view(E, G * C, D)).reshape(E * G * C, D)
-            y_MD = y_RD.index_select(0, row_M)
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(0, expert_M, torch.ones_like(expert_M))
+        # Rows grouped by expert (then group, then slot), placed without a sort: the kept
+        # slots of each (expert, group) are 0..n-1, so a row's place is the rows of the
+        # (expert, group) pairs before its own plus its slot.
+        count_EG = torch.zeros(E * G, dtype=torch.long, device=x_TD.device).index_add_(
+            0, expert_M * G + group_M, torch.ones_like(expert_M))
+        place_M = (count_EG.cumsum(0) - count_EG).index_select(0, expert_M * G + group_M) + slot_M
+        order_M = torch.empty_like(place_M).scatter_(0, place_M, torch.arange(M, device=place_M.device))
+        token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
+        x_MD = x_TD.index_select(0, token_M)
+        if self.ep is not None:  # expert parallel: the rows go to the ranks that own their experts
+            y_MD = expert_parallel_apply(self.experts, x_MD, counts_E, self.ep)
         else:
-            # Ragged rows grouped by expert (then group, then slot), placed without a sort: the
-            # kept slots of each (expert, group) are 0..n-1, so a row's place is the rows of the
-            # (expert, group) pairs before its own plus its slot.
-            count_EG = torch.bincount(expert_M * G + group_M, minlength=E * G)
-            place_M = (count_EG.cumsum(0) - count_EG).index_select(0, expert_M * G + group_M) + slot_M
-            order_M = torch.empty_like(place_M).scatter_(0, place_M, torch.arange(M, device=place_M.device))
-            token_M, weight_M = token_M.index_select(0, order_M), weight_M.index_select(0, order_M)
-            x_MD = x_TD.index_select(0, token_M)
-            if self.ep is not None:  # expert parallel: the rows go to the ranks that own their experts
-                y_MD = expert_parallel_apply(self.experts, x_MD, counts_E, self.ep)
-            else:
-                y_MD = self.experts(x_MD, counts_E)
+            y_MD = self.experts(x_MD, counts_E)
         out_TD = torch.zeros_like(x_TD)
         out_TD.index_add_(0, token_M, y_MD.to(x_TD.dtype) * weight_M.to(x_TD.dtype).unsqueeze(-1))
         return out_TD
@@ -335,12 +344,13 @@ class SparseMoE(MoEBase):
         self.check_joint_options()
         opts = self.options
         p = pack(parts, self._flat)
-        U = p.x_UD.shape[0]
-        mask_U = torch.ones(U, dtype=torch.bool, device=p.x_UD.device)
+        U, mask_U = p.x_UD.shape[0], p.mask_U
         S = max(min(self.group_size or U, U), 1)
         bias_row = None
         if self.bias_per_modality:  # each token selects with its own modality's bias
-            bias_row = torch.tensor([self.balancer.row(m) for m in p.parts], device=p.owner_U.device).index_select(0, p.owner_U)
+            bias_row = torch.zeros_like(p.owner_U)
+            for i, m in enumerate(p.parts):
+                bias_row = torch.where(p.owner_U == i, self.balancer.row(m), bias_row)
         r = self._route(p.x_UD, mask_U, S, opts, self.capacity_factor_now(opts), False, bias_row)
         out_UD = self._compute(p.x_UD, r, -(-U // S))
         self._record("joint", self._aux(r, mask_U, S, opts, losses=UNION_LOSSES))

@@ -104,7 +104,8 @@ def balance_loss(gates: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     of tokens whose top-1 expert is e and P_e the mean gate of e (1.0 when balanced)."""
     gates_GSE, w_GS = _groups(gates, mask)
     E = gates_GSE.shape[-1]
-    top1_GSE = torch.nn.functional.one_hot(gates_GSE.argmax(-1), E).to(gates_GSE.dtype)
+    # one-hot of the top-1 expert by comparison (F.one_hot reads the indices' range back to the host)
+    top1_GSE = (gates_GSE.argmax(-1, keepdim=True) == torch.arange(E, device=gates_GSE.device)).to(gates_GSE.dtype)
     f_GE = _masked_mean_tokens(top1_GSE, w_GS)
     p_GE = _masked_mean_tokens(gates_GSE, w_GS)
     return _mean_over_groups(E * (f_GE * p_GE).sum(-1), w_GS)

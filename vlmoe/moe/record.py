@@ -55,9 +55,6 @@ class RoutingRecord:
     gates_TE: torch.Tensor
     noise_std: float  # of the noise actually added (0 when none)
     assignment: Assignment
-    kept_M: torch.Tensor  # the kept assignments (indices into the assignment's N)
-    token_M: torch.Tensor  # their tokens
-    expert_M: torch.Tensor  # and experts
 
     def aux(self, router: Router, mask_T: torch.Tensor, S: int, opts: RoutingOptions, losses=None, rows=None,
             ep_size: int | None = None) -> MoEAux:
@@ -65,19 +62,22 @@ class RoutingRecord:
         statistics, over all the tokens or only `rows` (one modality of a joint call)."""
         T = mask_T.numel()
         logits, noisy, clean, gates = self.logits_TE, self.noisy_logits_TE, self.clean_gates_TE, self.gates_TE
-        kept_per_token = torch.bincount(self.token_M, minlength=T)[:T]
-        expert_M = self.expert_M
+        a = self.assignment
+        kept_N = a.kept_N.long()
+        # tokens index the grouped list (G*S entries): fixed sizes, no host sync
+        P = a.padded_tokens
+        kept_per_token = torch.zeros(P, dtype=torch.long, device=mask_T.device).index_add_(0, a.token_N, kept_N)[:T]
         if rows is not None:
-            member_T = torch.zeros(T, dtype=torch.bool, device=mask_T.device).index_fill_(0, rows, True)
-            expert_M = expert_M[member_T[self.token_M]]
+            member = torch.zeros(P, dtype=torch.long, device=mask_T.device).index_fill_(0, rows, 1)
+            kept_N = kept_N * member.index_select(0, a.token_N)
             logits, noisy = logits.index_select(0, rows), noisy.index_select(0, rows)
             clean, gates = clean.index_select(0, rows), gates.index_select(0, rows)
             mask_T, kept_per_token = mask_T.index_select(0, rows), kept_per_token.index_select(0, rows)
-        counts_E = torch.bincount(expert_M, minlength=clean.shape[-1])
+        counts_E = torch.zeros(clean.shape[-1], dtype=torch.long, device=mask_T.device).index_add_(0, a.expert_N, kept_N)
         out = self._losses(router, opts, losses, S, mask_T, logits, noisy, clean, gates)
         total = sum((getattr(opts, _WEIGHT_OF[k]) * v for k, v in out.items()), logits.new_zeros(()))
         with torch.no_grad():
-            stats = _stats(router, counts_E, kept_per_token, mask_T, clean, self.assignment.capacity, ep_size)
+            stats = _stats(router, counts_E, kept_per_token, mask_T, clean, a.route_capacity, ep_size)
         return MoEAux(total, out, stats)
 
     def _losses(self, router, opts, names, S, mask_T, logits, noisy, clean, gates) -> dict[str, torch.Tensor]:
@@ -128,7 +128,8 @@ def _stats(router, counts_E, kept_per_token, mask_T, clean_gates_TE, capacity, e
         # token: nothing was dropped (0, not 1).
         "dropped_frac": (n_choices - kept).float() / n_choices.clamp_min(1),
         "dropped_token_frac": ((kept_per_token == 0) & mask_T).sum().float() / n_tokens.clamp_min(1),
-        "capacity": torch.tensor(float(capacity if capacity is not None else -1)),
+        # the capacity routing enforced (from real tokens; per-example evaluation: the largest)
+        "capacity": capacity.amax().float() if capacity is not None else torch.full((), -1.0, device=mask_T.device),
     }
     if ep_size is not None:  # share of this rank's kept rows computed by each EP rank
         stats["rank_load"] = counts_E.view(ep_size, -1).sum(1).float() / n_kept.clamp_min(1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LayerConfig, RoutingOptions
-from .routing import compute_capacity, expert_choice_route, route, top_k_gates
+from .routing import compute_capacity, expert_choice_unchecked, route_unchecked, top_k_gates
 
 __all__ = ["Assignment", "Router", "TokenChoice", "ExpertChoice", "make_router"]
 
@@ -25,29 +25,37 @@ __all__ = ["Assignment", "Router", "TokenChoice", "ExpertChoice", "make_router"]
 @dataclass
 class Assignment:
     """Every choice of every group, flat over N = G*S*K (token choice) or G*E*C (expert
-    choice). token_N indexes the padded token list (group g's tokens are g*S ... g*S+S-1)."""
+    choice). token_N indexes the padded token list (group g's tokens are g*S ... g*S+S-1).
+    Every tensor has a shape known before the data is seen: dropped choices stay in the
+    lists with slot -1 and weight 0."""
 
     token_N: torch.Tensor
     expert_N: torch.Tensor
     group_N: torch.Tensor
     slot_N: torch.Tensor  # position in its (expert, group) buffer; -1: dropped
     weight_N: torch.Tensor  # combine weight (0 where dropped)
-    capacity: int | None  # buffer slots per expert and group (None: dropless)
+    capacity: int | None  # buffer slots per expert and group, from the group length S (None: dropless)
+    route_capacity: torch.Tensor | None  # the capacity routing enforced: from real tokens, per group ([G]) or one
+    padded_tokens: int  # G*S: token_N < padded_tokens
+
+    @property
+    def kept_N(self) -> torch.Tensor:
+        return self.slot_N >= 0
 
 
 def _capacity(mask_GS, E: int, K: int, capacity_factor: float | None, multiple_of: int, per_group: bool):
-    """(buffer capacity, routing capacity): from real tokens, never from padding; each
-    group's own (per_group: a [G] tensor to route with, its max for the buffer) or the
-    fullest group's."""
+    """(buffer capacity, routing capacity). The buffer is sized from the group length S,
+    known before the data (static shapes, no host sync); the routing capacity, which decides
+    what is dropped, comes from the real tokens, never from padding, as a tensor: each
+    group's own ([G], per_group) or the fullest group's (one value)."""
     if capacity_factor is None:
         return None, None
-    if per_group:
-        route_capacity = compute_capacity(mask_GS.sum(1), E, K, capacity_factor, multiple_of)
-        return int(route_capacity.max()), route_capacity
     S = mask_GS.shape[1]
-    n_valid = S if bool(mask_GS.all()) else int(mask_GS.sum(1).max())
-    capacity = compute_capacity(max(n_valid, 1), E, K, capacity_factor, multiple_of)
-    return capacity, capacity
+    buffer = compute_capacity(S, E, K, capacity_factor, multiple_of)
+    n_valid = mask_GS.sum(1)
+    if not per_group:
+        n_valid = n_valid.amax().reshape(1)
+    return buffer, compute_capacity(n_valid, E, K, capacity_factor, multiple_of)
 
 
 class Router:
@@ -110,15 +118,15 @@ class TokenChoice(Router):
             p2_GS = 2.0 * top_GSK[..., 1] / denom_GS1[..., 0]
             keep2_GS = torch.rand_like(p2_GS) < p2_GS
             keep_GSK = torch.stack([torch.ones_like(keep2_GS), keep2_GS], -1)
-        r = route(gates_GSE, K, route_capacity, batch_priority=opts.batch_priority, mask=mask_GS, keep=keep_GSK,
-                  renormalize=self.normalize, selection_bias=bias)
+        valid_GSK = mask_GS.unsqueeze(-1).expand(G, S, K) if keep_GSK is None else mask_GS.unsqueeze(-1) & keep_GSK
+        r = route_unchecked(gates_GSE, K, route_capacity, opts.batch_priority, valid_GSK, self.normalize, bias)
         weight_GSK = r.combine_weight
         if scale_GS1 is not None and not self.normalize:
             weight_GSK = weight_GSK * scale_GS1
         token_GSK = torch.arange(G * S, device=gates_GSE.device).view(G, S, 1).expand(G, S, K)
         group_GSK = torch.arange(G, device=gates_GSE.device).view(G, 1, 1).expand(G, S, K)
         return Assignment(token_GSK.reshape(-1), r.expert_index.reshape(-1), group_GSK.reshape(-1),
-                          r.slot.reshape(-1), weight_GSK.reshape(-1), capacity)
+                          r.slot.reshape(-1), weight_GSK.reshape(-1), capacity, route_capacity, G * S)
 
     def top1_kept(self, gates_TE, a, T):
         return gates_TE.argmax(-1), a.slot_N.view(-1, self.choices_per_token)[:T, 0] >= 0
@@ -133,28 +141,30 @@ class ExpertChoice(Router):
     def assign(self, gates_GSE, mask_GS, opts, capacity_factor, per_group, bias, training):
         G, S, E = gates_GSE.shape
         device = gates_GSE.device
-        _, route_capacity = _capacity(mask_GS, E, 1, capacity_factor, self.multiple_of, per_group)
-        token_GEC, weight_GEC = expert_choice_route(gates_GSE, int(route_capacity.max()) if per_group else route_capacity,
-                                                    mask_GS)
+        capacity, route_capacity = _capacity(mask_GS, E, 1, capacity_factor, self.multiple_of, per_group)
+        token_GEC, weight_GEC = expert_choice_unchecked(gates_GSE, capacity, mask_GS)
         C = token_GEC.shape[-1]
-        if per_group:  # each group keeps its own top-C_g (the route sorted them by gate)
-            beyond_GEC = torch.arange(C, device=device).view(1, 1, C) >= route_capacity.view(G, 1, 1)
-            token_GEC = token_GEC.masked_fill(beyond_GEC, -1)
-            weight_GEC = weight_GEC.masked_fill(beyond_GEC, 0.0)
+        # each group keeps its own top-C_g (the route sorted them by gate)
+        beyond_GEC = torch.arange(C, device=device).view(1, 1, C) >= route_capacity.view(-1, 1, 1)
+        token_GEC = token_GEC.masked_fill(beyond_GEC, -1)
+        weight_GEC = weight_GEC.masked_fill(beyond_GEC, 0.0)
         expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, C)
         group_GEC = torch.arange(G, device=device).view(G, 1, 1).expand(G, E, C)
         slot_GEC = torch.arange(C, device=device).view(1, 1, C).expand(G, E, C)
         slot_GEC = torch.where(token_GEC >= 0, slot_GEC, -1)
         token_GEC = token_GEC.clamp_min(0) + S * group_GEC
         return Assignment(token_GEC.reshape(-1), expert_GEC.reshape(-1), group_GEC.reshape(-1), slot_GEC.reshape(-1),
-                          weight_GEC.reshape(-1), C)
+                          weight_GEC.reshape(-1), C, route_capacity, G * S)
 
     def kept_choices(self, n_kept, kept_per_token, mask_T):
         """A token counts once if any expert took it (its one "choice" is being routed)."""
         return ((kept_per_token > 0) & mask_T).sum()
 
     def top1_kept(self, gates_TE, a, T):
-        return gates_TE.argmax(-1), torch.bincount(a.token_N[a.slot_N >= 0], minlength=T)[:T] > 0
+        # kept choices are real tokens (< T); the clamp only keeps dropped entries in range
+        taken_T = torch.zeros(T, dtype=torch.long, device=gates_TE.device).index_add_(
+            0, a.token_N.clamp_max(T - 1), a.kept_N.long())
+        return gates_TE.argmax(-1), taken_T > 0
 
     def dropless_ok(self) -> bool:
         return False

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from ..errors import ConfigError
 
-__all__ = ["Routing", "compute_capacity", "route", "expert_choice_route", "top_k_gates"]
+__all__ = ["Routing", "compute_capacity", "route", "route_unchecked", "expert_choice_route", "expert_choice_unchecked", "top_k_gates"]
 
 
 def compute_capacity(
@@ -96,24 +96,19 @@ def top_k_gates(gates_GSE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torc
     """Top-k gate values and experts, in descending order, ties broken towards the lower
     expert index (as jax.lax.top_k does), which `torch.topk` does not promise.
 
-    top-1 is an argmax (which returns the first maximum); top-k on CPU a `torch.topk`, whose
-    rows with a tie (two equal values among the chosen, or an unchosen expert equal to the
-    k-th) are redone with a stable sort, so the result is always the stable sort's (elsewhere
-    the stable sort itself, without a host sync)."""
-    if top_k == 1:
-        index = gates_GSE.argmax(-1, keepdim=True)
-        return gates_GSE.gather(-1, index), index
-    if gates_GSE.device.type != "cpu":  # finding the tied rows would cost a host sync; sorting on a GPU is cheap
+    Up to 4 choices: k rounds of argmax (which returns the first maximum), each masking the
+    expert it found; more: a stable descending sort. Either way the result is the stable
+    sort's, with static shapes and no host sync."""
+    if top_k > 4:
         values, index = torch.sort(gates_GSE, dim=-1, descending=True, stable=True)
         return values[..., :top_k], index[..., :top_k]
-    values, index = torch.topk(gates_GSE, top_k, dim=-1)
-    with torch.no_grad():
-        tied = ((gates_GSE >= values[..., -1:]).sum(-1) > top_k) | (values[..., 1:] == values[..., :-1]).any(-1)
-        rows = tied.nonzero(as_tuple=True)
-    if not rows[0].numel():
-        return values, index
-    stable = torch.sort(gates_GSE[rows].detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
-    index = index.index_put(rows, stable)
+    picks, rest = [], gates_GSE.detach()
+    for k in range(top_k):
+        pick = rest.argmax(-1, keepdim=True)
+        picks.append(pick)
+        if k + 1 < top_k:
+            rest = rest.scatter(-1, pick, -math.inf)
+    index = picks[0] if top_k == 1 else torch.cat(picks, -1)
     return gates_GSE.gather(-1, index), index
 
 
@@ -132,8 +127,8 @@ def route(
     Args:
         gates: [S, E] or [G, S, E] routing probabilities; each group is routed independently.
         top_k: experts chosen per token (K).
-        capacity: buffer slots per expert and group (an int, or a [G] tensor: one per group);
-            None keeps every choice (dropless).
+        capacity: buffer slots per expert and group (an int, or a tensor: one value, or one
+            per group [G]); None keeps every choice (dropless).
         batch_priority: BPR (priority by top-1 gate) instead of priority by position.
         mask: [S] or [G, S] bool, False for tokens (e.g. text padding) that take no capacity.
         keep: [S, K] or [G, S, K] bool, False for choices that are not dispatched at all
@@ -149,24 +144,35 @@ def route(
     if not 1 <= top_k <= E:
         raise ConfigError(f"top_k must be in [1, num_experts={E}]; got top_k={top_k}")
     if torch.is_tensor(capacity):  # one capacity per group (per-example evaluation)
-        if capacity.numel() != G or bool((capacity < 1).any()):
+        if capacity.numel() not in (1, G) or bool((capacity < 1).any()):
             raise ConfigError(f"a per-group capacity needs {G} values >= 1; got {capacity.tolist()}")
-        capacity = capacity.reshape(G, 1).to(gates_GSE.device)
     elif capacity is not None and capacity < 1:
         raise ConfigError(f"capacity must be >= 1 (or None for dropless); got {capacity}")
-    K = top_k
-    device = gates_GSE.device
+    if selection_bias is not None and selection_bias.shape != (E,) and selection_bias.shape != gates.shape:
+        raise ConfigError(f"selection_bias must have one value per expert ({E}) or the gates' shape {tuple(gates.shape)}; "
+                          f"got shape {tuple(selection_bias.shape)}")
+    out = route_unchecked(gates_GSE, top_k, capacity, batch_priority, _valid_choices(G, S, top_k, mask, keep, gates.device),
+                          renormalize, selection_bias)
+    if squeeze:
+        out = Routing(out.expert_index[0], out.slot[0], out.combine_weight[0])
+    return out
 
+
+def route_unchecked(gates_GSE: torch.Tensor, top_k: int, capacity, batch_priority: bool, valid_GSK: torch.Tensor,
+                    renormalize: bool = False, selection_bias: torch.Tensor | None = None) -> Routing:
+    """`route` on [G, S, E] gates without the input checks (which read values back to the
+    host): the layer's path, whose inputs are its own. capacity: an int, a tensor of one
+    value or one per group ([G]), or None; valid_GSK: the choices that may take capacity."""
+    G, S, E = gates_GSE.shape
+    K = top_k
+    if torch.is_tensor(capacity):
+        capacity = capacity.reshape(-1, 1).to(gates_GSE.device)
     if selection_bias is None:
         combine_GSK, expert_GSK = top_k_gates(gates_GSE, K)
     else:
-        if selection_bias.shape != (E,) and selection_bias.shape != gates.shape:
-            raise ConfigError(f"selection_bias must have one value per expert ({E}) or the gates' shape {tuple(gates.shape)}; "
-                              f"got shape {tuple(selection_bias.shape)}")
         bias = selection_bias.to(gates_GSE.dtype)
         _, expert_GSK = top_k_gates(gates_GSE + (bias.reshape(gates_GSE.shape) if bias.ndim > 1 else bias), K)
         combine_GSK = gates_GSE.gather(-1, expert_GSK)
-    valid_GSK = _valid_choices(G, S, K, mask, keep, device)
 
     if batch_priority:
         # Stable descending sort: equal top-1 gates keep their position order.
@@ -194,10 +200,7 @@ def route(
     if renormalize:
         denom_GS1 = combine_GSK.sum(-1, keepdim=True)
         combine_GSK = combine_GSK / torch.where(denom_GS1 > 0, denom_GS1, torch.ones_like(denom_GS1))
-    out = Routing(expert_GSK, slot_GSK, combine_GSK)
-    if squeeze:
-        out = Routing(out.expert_index[0], out.slot[0], out.combine_weight[0])
-    return out
+    return Routing(expert_GSK, slot_GSK, combine_GSK)
 
 
 def _valid_choices(G: int, S: int, K: int, mask, keep, device) -> torch.Tensor:
@@ -246,17 +249,25 @@ def expert_choice_route(
     G, S, E = gates_GSE.shape
     if capacity < 1:
         raise ConfigError(f"capacity must be >= 1; got {capacity}")
+    if mask is not None and (mask.numel() != G * S or mask.dtype != torch.bool):
+        raise ConfigError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)}")
+    token_GEC, weight_GEC = expert_choice_unchecked(gates_GSE, capacity, None if mask is None else mask.reshape(G, S))
+    if squeeze:
+        return token_GEC[0], weight_GEC[0]
+    return token_GEC, weight_GEC
+
+
+def expert_choice_unchecked(gates_GSE: torch.Tensor, capacity: int, mask_GS: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`expert_choice_route` on [G, S, E] gates without the input checks (the layer's path)."""
+    G, S, E = gates_GSE.shape
     C = min(capacity, S)
     scores_GES = gates_GSE.transpose(1, 2)
-    if mask is not None:
-        if mask.numel() != G * S or mask.dtype != torch.bool:
-            raise ConfigError(f"mask must be a bool tensor with {G}x{S} elements; got {tuple(mask.shape)}")
-        scores_GES = scores_GES.masked_fill(~mask.reshape(G, 1, S), -1.0)
+    if mask_GS is not None:
+        scores_GES = scores_GES.masked_fill(~mask_GS.reshape(G, 1, S), -1.0)
     values_GEC, token_GEC = torch.sort(scores_GES, dim=-1, descending=True, stable=True)
     values_GEC, token_GEC = values_GEC[..., :C], token_GEC[..., :C]
     chosen_GEC = values_GEC >= 0
     weight_GEC = torch.where(chosen_GEC, gates_GSE.transpose(1, 2).gather(2, token_GEC), 0.0)
     token_GEC = torch.where(chosen_GEC, token_GEC, torch.full_like(token_GEC, -1))
-    if squeeze:
-        return token_GEC[0], weight_GEC[0]
     return token_GEC, weight_GEC

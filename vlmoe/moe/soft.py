@@ -132,6 +132,7 @@ class SoftMoE(MoEBase):
         x_BTD, mask_BT = x_TD.view(B, -1, self.dim), mask_T.view(B, -1)
         E, s = self.num_experts, self.slots_for(modality)
         logits_BTN = self.slot_logits(x_BTD, s)
+        self._note_finite(logits_BTN)
         real_BT1 = mask_BT.unsqueeze(-1)
         # dispatch: softmax over the sequence's real tokens, per slot (a sequence with no real
         # token gets all-zero weights, not NaN)
@@ -165,7 +166,7 @@ class SoftMoE(MoEBase):
         n_slots = (has_tokens_B.sum() * N).clamp_min(1)
         token_entropy_BT = L.entropy(combine_BTN) * mask_BT
         mean_gate = combine_BTN.view(B, T, E, s).sum(-1).sum((0, 1)) / n_tokens.clamp_min(1)
-        rows = torch.full((E,), float(int(has_tokens_B.sum()) * s), device=dispatch_BTN.device)
+        rows = (has_tokens_B.sum() * s).float().expand(E).clone()
         stats = {
             "tokens_per_expert": rows,  # rows each expert computed (its slots)
             "expert_load": rows / rows.sum().clamp_min(1),
@@ -174,9 +175,9 @@ class SoftMoE(MoEBase):
             "num_tokens": n_tokens.float(),
             "num_choices": n_tokens.float(),  # every token reaches the experts through the slots
             "num_kept": n_tokens.float(),
-            "dropped_frac": torch.zeros(()),
-            "dropped_token_frac": torch.zeros(()),
-            "capacity": torch.tensor(float(s)),
+            "dropped_frac": n_tokens.new_zeros((), dtype=torch.float32),
+            "dropped_token_frac": n_tokens.new_zeros((), dtype=torch.float32),
+            "capacity": torch.full((), float(s), device=mask_BT.device),
             "dispatch_entropy": (slot_entropy_BN * has_tokens_B.unsqueeze(-1)).sum() / n_slots,
             "combine_entropy": token_entropy_BT.sum() / n_tokens.clamp_min(1),
             "slot_concentration": (dispatch_BTN.amax(1) * has_tokens_B.unsqueeze(-1)).sum() / n_slots,

@@ -15,7 +15,7 @@ from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
 from ..errors import ConfigError, check_int, check_number
-from ..moe import update_biases
+from ..moe import check_finite, update_biases
 from ..moe.config import BIAS_MODALITIES
 from .checkpointing import AtomicCheckpointIO, FinalCheckpoint, SignalStop
 from .data_report import DataReport, summarise_data
@@ -81,6 +81,14 @@ class LIMoEModule(L.LightningModule):
         checkpoint_every_n_steps: periodic checkpoints (plus `last.ckpt` at the end of fit).
         moe_log_every_n_steps: per-layer/per-modality expert load every this many steps
             (default: the trainer's log_every_n_steps).
+        compile: compile the model's forward with `torch.compile` (in place, in
+            `configure_model`, so checkpoints keep their keys); the training step's forward
+            and backward then run as compiled graphs (the capacity path makes no host sync, see
+            docs/benchmarks.md "Host syncs"); evaluation's `encode_*` calls stay eager.
+
+    NaN / inf router logits are noted by each MoE layer on the device and checked on every
+    logging step (`log_every_n_steps`) and after each evaluation (`vlmoe.moe.check_finite`):
+    a FloatingPointError that names the layers, without a host sync in every step.
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class LIMoEModule(L.LightningModule):
         grad_checkpointing: bool = False,
         checkpoint_every_n_steps: int = 1000,
         moe_log_every_n_steps: int | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         _check_training_args(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
@@ -107,6 +116,9 @@ class LIMoEModule(L.LightningModule):
         self.model = create_model(model_name, pretrained=pretrained, **(model_overrides or {}))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be true or false; got {compile!r}")
+        self._compiled = False
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
         self.skipped_samples = 0
         self.data_report = {"train": DataReport(), "val": DataReport(), "test": DataReport()}
@@ -128,6 +140,12 @@ class LIMoEModule(L.LightningModule):
         # local loss + gather with grad: each rank's loss covers its rows against the global
         # batch, and DDP's gradient average equals the single-process global-batch gradient.
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=self.global_rank, world_size=world)
+
+    def configure_model(self) -> None:
+        """Lightning's place for compiling: once, before the strategy wraps the model."""
+        if self.hparams.get("compile", False) and not self._compiled:
+            self.model.compile()  # nn.Module.compile: in place, the state-dict keys stay
+            self._compiled = True
 
     def configure_callbacks(self):
         if self._trainer is not None and self.trainer.checkpoint_callback is None:
@@ -263,6 +281,9 @@ class LIMoEModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
             self.model.logit_scale.clamp_(0, math.log(100))
+        trainer = self._trainer
+        if trainer is None or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            check_finite(self.model)  # one host read for every layer, on logging steps only
         if self._t_batch is not None:
             dt = time.perf_counter() - self._t_batch
             self.log("perf/samples_per_sec", batch["image"].shape[0] * self.trainer.world_size / max(dt, 1e-9), batch_size=1)
@@ -312,6 +333,7 @@ class LIMoEModule(L.LightningModule):
         self.routing_report.record(self.model.moe_layers())
 
     def _eval_end(self, prefix: str):
+        check_finite(self.model)
         metrics = {}
         img = _gather_rows(self, torch.cat(self._feats["image"]) if self._feats["image"] else None)
         txt = _gather_rows(self, torch.cat(self._feats["text"]) if self._feats["text"] else None)
