@@ -175,7 +175,7 @@ class VLMoEModel(CLIP):
         modality, for logging). With moe.routing_groups="joint" and both inputs given, the
         towers run in lockstep and every shared MoE layer routes both modalities together."""
         for m in self.moe_layers():
-            m.aux.clear()  # an image-only or text-only call reports only its modality
+            m.aux = {}  # an image-only or text-only call reports only its modality (a new dict: compiled, no guard on the old one)
         if self.routing_groups == "joint" and image is not None and text is not None:
             image_features, text_features = self.encode_joint(image, text, normalize=True)
             out = {"image_features": image_features, "text_features": text_features, "logit_scale": self.logit_scale.exp()}

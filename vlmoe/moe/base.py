@@ -5,7 +5,6 @@ expert choice) and `SoftMoE` build on it; neither inherits the other's machinery
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -18,26 +17,27 @@ from ..errors import ConfigError
 
 __all__ = ["MoEBase", "routing_context", "current_routing_context", "eval_settings_kept", "moe_layers", "check_finite"]
 
-_CONTEXT: contextvars.ContextVar[tuple[str | None, torch.Tensor | None]] = contextvars.ContextVar(
-    "vlmoe_routing_context", default=(None, None)
-)
+# The innermost routing context is the stack's last entry: a plain list, which
+# torch.compile traces without a graph break (a ContextVar breaks the graph at every `with`).
+_CONTEXT: list[tuple[str | None, torch.Tensor | None]] = [(None, None)]
 
 
 @contextlib.contextmanager
 def routing_context(modality: str | None = None, mask: torch.Tensor | None = None) -> Iterator[None]:
     """Tell every MoE layer called inside the block which modality its tokens are and which
     tokens are real (mask [B, T], True for real tokens). Used by the towers, whose blocks
-    call `mlp(x)` with no room for extra arguments."""
-    token = _CONTEXT.set((modality, mask))
+    call `mlp(x)` with no room for extra arguments. The context belongs to the process (not
+    to a thread): one model runs its towers at a time."""
+    _CONTEXT.append((modality, mask))
     try:
         yield
     finally:
-        _CONTEXT.reset(token)
+        _CONTEXT.pop()
 
 
 def current_routing_context() -> tuple[str | None, torch.Tensor | None]:
     """(modality, mask) set by the innermost `routing_context`."""
-    return _CONTEXT.get()
+    return _CONTEXT[-1]
 
 
 def _setting(name: str) -> property:
@@ -107,7 +107,7 @@ class MoEBase(nn.Module):
 
     # -- calls -----------------------------------------------------------------------------
     def _context(self, mask, modality):
-        ctx_modality, ctx_mask = _CONTEXT.get()
+        ctx_modality, ctx_mask = _CONTEXT[-1]
         return (mask if mask is not None else ctx_mask), (modality if modality is not None else ctx_modality)
 
     def _flat(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

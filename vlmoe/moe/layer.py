@@ -32,7 +32,9 @@ __all__ = ["SparseMoE", "RoutingOptions", "MoEAux", "LayerConfig", "routing_cont
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (where activation checkpointing recomputes
-    forwards)."""
+    forwards). Under torch.compile the forward is traced once, as a forward: False."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -144,6 +144,9 @@ class LIMoEModule(L.LightningModule):
     def configure_model(self) -> None:
         """Lightning's place for compiling: once, before the strategy wraps the model."""
         if self.hparams.get("compile", False) and not self._compiled:
+            if self.global_rank == 0:
+                print("vlmoe: compiling the model (torch.compile): the first training and evaluation steps take "
+                      "longer while the graphs are built", file=sys.stderr, flush=True)
             self.model.compile()  # nn.Module.compile: in place, the state-dict keys stay
             self._compiled = True
 
