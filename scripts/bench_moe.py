@@ -9,6 +9,7 @@ parameters excluded), which is what grows with the number of tokens.
     python scripts/bench_moe.py                       # the README table
     python scripts/bench_moe.py --tokens 256 --reps 2 --experts 4   # a quick look
     python scripts/bench_moe.py --malloc keep         # glibc keeps freed memory (no page faults)
+    python scripts/bench_moe.py --compile             # torch.compile'd rows, with eager and DeepSpeed
     python scripts/bench_moe.py --page-faults [--malloc keep]   # what a fresh 32 MiB block costs
 """
 from __future__ import annotations
@@ -164,6 +165,35 @@ def _interleaved(variants: dict, x, g, reps: int) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def bench_compiled(tokens=4096, dim=256, hidden=1024, experts=(8, 32), top_ks=(1,), reps=9, with_deepspeed=True):
+    """torch.compile'd layers against the compiled dense MLP of the same active FLOPs, with the
+    eager ones and DeepSpeed's MoE layer (eager; same tokens, d, h, E, top-k and capacity
+    factor 1.0) timed in the same interleaved rounds."""
+    torch.manual_seed(0)
+    ds_error = _init_deepspeed() if with_deepspeed else "skipped (--no-deepspeed)"
+    rows = []
+    for E in experts:
+        for k in top_ks:
+            dense = Mlp(dim, hidden * k)
+            moe = SparseMoE(dim, hidden, E, top_k=k, capacity_factor=1.0).train()
+            variants = {"dense MLP": dense, "dense MLP, compiled": torch.compile(dense),
+                        "vlmoe": moe, "vlmoe, compiled": torch.compile(moe, fullgraph=True)}
+            if ds_error is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    variants["DeepSpeed MoE"] = DeepSpeedMoE(dim, hidden, E, k)
+            x = torch.randn(1, tokens, dim, requires_grad=True)
+            g = torch.randn(1, tokens, dim)
+            for mod in variants.values():  # compile outside the timed rounds
+                step(mod, x, g)
+            med = _interleaved(variants, x, g, reps)
+            for name in variants:
+                base = med["dense MLP, compiled" if "compiled" in name else "dense MLP"]
+                rows.append((E, k, name, med[name] * 1e3, med[name] / base,
+                             med[name] / med["DeepSpeed MoE"] if "DeepSpeed MoE" in med else None))
+    return rows, ds_error
+
+
 def bench_designs(tokens=4096, dim=256, hidden=1024, reps=9, seq_len=8, granularity=4):
     """The designs since V-MoE against the dense MLP of the same active FLOPs, interleaved:
     Soft MoE with E=8 experts of one slot each on sequences of 8 tokens (8 slots per 8 tokens:
@@ -279,15 +309,18 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--top-k", type=int, nargs="+", default=None, help="default: 1 2 (--compile: 1)")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--memory-scaling", action="store_true", help="also print activation memory at 1k-8k tokens")
+    p.add_argument("--compile", action="store_true", help="only the torch.compile'd layer and dense MLP (with the eager "
+                   "ones and DeepSpeed's layer), top-1 unless --top-k says otherwise")
     p.add_argument("--designs", action="store_true", help="only the Soft MoE / fine-grained rows against the dense MLP")
     p.add_argument("--page-faults", action="store_true", help="only time a weight gradient into fresh vs reused memory")
     p.add_argument("--malloc", choices=["default", "keep"], default="default",
                    help="keep: glibc keeps freed memory instead of unmapping blocks over 32 MiB (see keep_freed_memory)")
     a = p.parse_args(argv)
+    a.top_k = a.top_k or ([1] if a.compile else [1, 2])
     print(keep_freed_memory() if a.malloc == "keep" else "malloc: glibc default (blocks over its mmap threshold, <= 32 MiB, "
           "are unmapped on free)")
     if a.page_faults:
@@ -299,6 +332,17 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads; medians of interleaved forward+backward\n")
         print("| layer | fwd+bwd ms | x dense MLP of the same active FLOPs |\n|---|---|---|")
         print("\n".join(f"| {n} | {ms:.1f} | {r:.2f} |" for n, ms, r in rows))
+        return rows
+    if a.compile:
+        rows, ds_error = bench_compiled(a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.reps, not a.no_deepspeed)
+        print(f"tokens={a.tokens}, d={a.dim}, h={a.hidden}, float32, capacity_factor=1.0, BPR; "
+              f"{torch.get_num_threads()} threads; medians of interleaved forward+backward; compiled rows against the "
+              f"compiled dense MLP, eager rows against the eager one\n")
+        print("| E | top-k | layer | fwd+bwd ms | x dense of the same active FLOPs | x DeepSpeed MoE |\n|---|---|---|---|---|---|")
+        print("\n".join(f"| {E} | {k} | {n} | {ms:.1f} | {r:.2f} | {'-' if d is None else f'{d:.2f}'} |"
+                        for E, k, n, ms, r, d in rows))
+        if ds_error:
+            print(f"\nDeepSpeed MoE: {ds_error}")
         return rows
     rows, ds_error = bench(a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.reps, not a.no_deepspeed)
     print(format_table(rows, a.tokens, a.dim, a.hidden))

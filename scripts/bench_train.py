@@ -3,6 +3,7 @@ batch, forward + contrastive/aux loss + backward + AdamW step), and the data pip
 (bundled digit shards: decode, augment, tokenize, batch).
 
     python scripts/bench_train.py [--reps 15] [--batch-size 64]
+    python scripts/bench_train.py --compile     # eager and torch.compile'd training steps
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_steps(names, batch_size, reps):
+def train_steps(names, batch_size, reps, compiled=()):
+    """Samples/s of each model's training step, timed interleaved; a name in `compiled` is also
+    timed with its forward compiled (nn.Module.compile, as `--model.compile true` does), as
+    "NAME, compiled"."""
     from open_clip.loss import ClipLoss
 
     import vlmoe
@@ -26,11 +30,15 @@ def train_steps(names, batch_size, reps):
     captions = [f"a photo of the digit {i % 10}" for i in range(batch_size)]
     loss_fn = ClipLoss()
     setups = {}
-    for n in names:
-        model = vlmoe.create_model(n).train()
+    for n in [*names, *(f"{c}, compiled" for c in compiled)]:
+        torch.manual_seed(0)
+        model = vlmoe.create_model(n.removesuffix(", compiled")).train()
+        if n.endswith(", compiled"):
+            model.compile()
         text = vlmoe.get_tokenizer(model)(captions)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         setups[n] = (model, text, opt)
+    names = list(setups)
 
     def step(n):
         model, text, opt = setups[n]
@@ -40,7 +48,8 @@ def train_steps(names, batch_size, reps):
         loss.backward()
         opt.step()
 
-    for n in names:  # warm-up
+    for n in names:  # warm-up (and compilation)
+        step(n)
         step(n)
     times = {n: [] for n in names}
     for _ in range(reps):
@@ -70,7 +79,17 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pipeline-batches", type=int, default=30)
+    p.add_argument("--compile", action="store_true", help="only the training steps, eager and compiled")
     a = p.parse_args(argv)
+    if a.compile:
+        rates = train_steps(["limoe-tiny", "clip-tiny"], a.batch_size, a.reps, compiled=["limoe-tiny", "clip-tiny"])
+        print(f"batch {a.batch_size}, {torch.get_num_threads()} threads, median of {a.reps} interleaved steps "
+              f"(compilation in the warm-up)\n")
+        print("| training step | samples/s | x CLIP-tiny eager | compiled / eager |\n|---|---|---|---|")
+        for n, r in rates.items():
+            gain = f"{r / rates[n.removesuffix(', compiled')]:.2f}" if n.endswith("compiled") else "-"
+            print(f"| {n} | {r:.0f} | {r / rates['clip-tiny']:.2f} | {gain} |")
+        return rates
     rates = train_steps(["limoe-tiny", "clip-tiny"], a.batch_size, a.reps)
     data0 = pipeline_rate(a.batch_size, a.pipeline_batches, 0)
     data1 = pipeline_rate(a.batch_size, a.pipeline_batches, 1)

@@ -6,6 +6,8 @@
    forward + backward, interleaved medians), for the grouped_mm and the auto path.
 3. bf16-mixed training throughput of a LIMoE model against its dense CLIP twin (synthetic
    batch, forward + contrastive/aux loss + backward + AdamW step, interleaved medians).
+4. The LIMoE training step compiled (torch.compile) against eager, and the host syncs of
+   one step: the dispatch counter of the CPU tests and CUDA's own sync debug mode.
 
     python scripts/gpu_check.py --out results/              # on a GPU: B/16 sizes
     python scripts/gpu_check.py --tiny --reps 2             # CPU smoke run
@@ -147,12 +149,68 @@ def check_training(device, names, batch_size, reps) -> dict:
     return {n: batch_size / v for n, v in t.items()}
 
 
+def check_compile_and_syncs(device, name, batch_size, reps) -> dict:
+    """The training step of `name` eager and compiled (nn.Module.compile, as `--model.compile
+    true`), bf16 autocast: the first step's losses side by side, samples/s interleaved, and the
+    host syncs of one eager step, counted twice: by vlmoe.syncs.HostSyncCounter (what the CPU
+    tests count) and, on CUDA, by torch.cuda.set_sync_debug_mode("warn") (every synchronizing
+    call the driver sees, tolist included)."""
+    import warnings
+
+    from vlmoe.syncs import HostSyncCounter
+
+    loss_fn = ClipLoss()
+    setups = {}
+    for label in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = vlmoe.create_model(name, moe={"noise_scale": 0.0}).to(device).train()
+        if label == "compiled":
+            model.compile()
+        size, _ = model_input_spec(name)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, size, size, generator=g).to(device)
+        text = vlmoe.get_tokenizer(model)([f"a photo of thing {i}" for i in range(batch_size)]).to(device)
+        setups[label] = (model, images, text, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(label, opt_step=True):
+        model, images, text, opt = setups[label]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(images, text)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"]) + out["aux_loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt_step:
+            opt.step()
+        return loss.detach()
+
+    first = {label: float(step(label, opt_step=False)) for label in setups}  # compiles; same weights, no update
+    with HostSyncCounter(stacks=True) as counter:
+        step("eager", opt_step=False)
+    cuda_syncs = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step("eager", opt_step=False)
+                step("compiled", opt_step=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        cuda_syncs = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message).lower()]
+    t = _interleaved({label: (lambda label=label: step(label)) for label in setups}, reps, device)
+    return {"model": name, "first_loss": first, "dispatch_syncs": counter.total, "dispatch_where": dict(counter.where),
+            "cuda_sync_warnings": None if cuda_syncs is None else len(cuda_syncs), "cuda_sync_examples": (cuda_syncs or [])[:5],
+            "samples_per_s": {k: batch_size / v for k, v in t.items()}, "compiled_over_eager_time": t["compiled"] / t["eager"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=".", help="folder for gpu_check.json")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the compiled-vs-eager step and sync count")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dim, tokens = (64, 512) if a.tiny else (768, 197 * 64)
@@ -172,6 +230,14 @@ def main(argv=None):
     rate = report["training_samples_per_s"]
     print(f"\nbf16-mixed training, batch {batch}: " + ", ".join(f"{n} {v:.1f} samples/s" for n, v in rate.items())
           + f"; ratio {rate[names[0]] / rate[names[1]]:.2f}x")
+    if not a.skip_compile:
+        c = report["compile"] = check_compile_and_syncs(device, names[0], batch, a.reps)
+        print(f"\n{c['model']} training step, compiled vs eager (bf16 autocast, batch {batch}): first loss "
+              f"{c['first_loss']['eager']:.5f} / {c['first_loss']['compiled']:.5f}; samples/s "
+              + ", ".join(f"{k} {v:.1f}" for k, v in c["samples_per_s"].items())
+              + f"; compiled / eager time {c['compiled_over_eager_time']:.2f}x")
+        print(f"host syncs in one eager step: {c['dispatch_syncs']} (dispatch counter), "
+              f"{c['cuda_sync_warnings']} (CUDA sync debug mode, eager + compiled step)", flush=True)
     report["seconds"] = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,16 +29,16 @@ def _data():
     return x, mask
 
 
-def _run(layer, x, mask, joint: bool, compile_with: str | None = None):
+def _run(layer, x, mask, joint: bool, compile_with: str | None = None, fullgraph: bool = True):
     layer.aux = {}  # only this call's records (as VLMoEModel.forward does)
     x = x.clone().requires_grad_(True)
     if joint:
         fn = layer.forward_joint
-        fn = torch.compile(fn, fullgraph=True, backend=compile_with) if compile_with else fn
+        fn = torch.compile(fn, fullgraph=fullgraph, backend=compile_with) if compile_with else fn
         out = fn({"image": (x, None), "text": (x * 0.5, mask)})
         y = out["image"] + out["text"]
     else:
-        fn = torch.compile(layer, fullgraph=True, backend=compile_with) if compile_with else layer
+        fn = torch.compile(layer, fullgraph=fullgraph, backend=compile_with) if compile_with else layer
         y = fn(x, mask=mask, modality="text")
     loss = y.square().sum() + sum(a.loss for a in layer.aux.values())
     loss.backward()
@@ -78,6 +78,19 @@ def test_layer_compiled_by_inductor_matches_eager():
     torch._dynamo.reset()
     torch.testing.assert_close(_run(layer, x, mask, False, compile_with="inductor"), _run(layer, x, mask, False),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_dropless_layer_compiles_with_breaks_and_matches_eager():
+    """Dropless routing sizes its rows from the data: it compiles with graph breaks (not
+    errors) and matches eager; output, input and parameter gradients. Planted: the layer's
+    sync-free buffers used without a capacity (a wrong, not a slower, result)."""
+    torch.manual_seed(0)
+    layer = SparseMoE(D, 32, E, capacity_factor=None, noise_scale=0.0).train()
+    x, mask = _data()
+    torch._dynamo.reset()
+    want = _run(layer, x, mask, False)
+    got = _run(layer, x, mask, False, compile_with="aot_eager", fullgraph=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _graph_breaks(name: str, **overrides) -> int:

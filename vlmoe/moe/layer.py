@@ -63,8 +63,11 @@ class SparseMoE(MoEBase):
             (Mixtral: softmax over the selected top-k logits, so a token's weights sum to 1).
         expert_type: "mlp" (act_layer MLP, timm / open_clip) or "swiglu" (Mixtral's experts).
         act_layer, bias: expert MLP activation and biases (timm / open_clip defaults).
-        implementation: experts' matmul path, "auto", "grouped_mm" or "loop" (a layer whose
-            experts are sharded, see `shard_experts`, always sends ragged rows).
+        implementation: experts' matmul path: "auto" (V-MoE's static capacity buffers when
+            there is a capacity: no host sync, one graph under torch.compile; the ragged rows
+            when dropless), "bmm" (the same), "grouped_mm" or "loop" (the ragged rows, sized
+            from the data: one host read per call). A layer whose experts are sharded, see
+            `shard_experts`, always sends ragged rows.
         *_weight, global_entropy_threshold: auxiliary loss weights (see RoutingOptions); the
             defaults depend on the router (V-MoE: importance and load 0.005; the load loss
             needs noise).
