@@ -68,7 +68,6 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--where", action="store_true", help="list where each sync comes from")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"| model | training forward + backward (batch {args.batch}) | evaluation (encode_image + encode_text) |")
     print("|---|---|---|")
     details = []

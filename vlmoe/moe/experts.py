@@ -160,7 +160,7 @@ class Experts(nn.Module):
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.implementation == "loop":
             return False
-        if torch.compiler.is_compiling() and self.implementation == "auto":
+        if torch.compiler.is_compiling() and self.implementation != "grouped_mm":
             # grouped_mm's meta kernel rejects float32 (torch 2.14), so a traced grouped_mm
             # fails; compiled, the ragged path runs the per-expert loop (with a graph break at
             # its split sizes, which depend on the data)
