@@ -46,7 +46,29 @@ VARIANTS = {
     "limoe-tiny-auxfree-modality, rate 0.01": ("limoe-tiny-auxfree-modality", {"moe": {"bias_update_rate": 0.01}}),
     "limoe-tiny-shared": ("limoe-tiny-shared", None),
     "limoe-tiny-fine": ("limoe-tiny-fine", None),
+    "clip-tiny-single": ("clip-tiny-single", None),
 }
+
+
+def _joint(tau_text: int | None = None, text_local: bool = True) -> dict:
+    text = {} if tau_text is None else {"global_entropy_threshold": math.log(tau_text)}
+    if not text_local:
+        text["local_entropy_weight"] = 0.0
+    return {"moe": {**JOINT, **({"text": text} if text else {})}}
+
+
+# Issue #27: LIMoE's recipe. Both joint designs (two towers sharing the MoE layers; the paper's
+# one transformer, limoe-tiny-single), the text threshold tau_text = log 2, 4, 8 (at least 2, 4,
+# 8 experts) and text's local entropy loss on and off.
+RECIPE = ["clip-tiny", "limoe-tiny", "limoe-tiny, joint", "limoe-tiny-single, joint", "clip-tiny-single"]
+for _name in ("limoe-tiny", "limoe-tiny-single"):
+    for _tau in (2, 4, 8):
+        for _local in (True, False):
+            _label = f"{_name}, joint" + (f", text tau log {_tau}" if _tau != 2 else "") + ("" if _local else ", no text local entropy")
+            VARIANTS[_label] = (_name, _joint(_tau if _tau != 2 else None, _local))
+            if _label not in RECIPE:
+                RECIPE.append(_label)
+EVAL_ROUTINGS = ("per_example", "batch", "dropless")
 DESIGNS = ["limoe-tiny-soft", "limoe-tiny-auxfree", "limoe-tiny-auxfree-modality", "limoe-tiny-shared", "limoe-tiny-fine"]
 DEFAULT_VARIANTS = ["clip-tiny", "limoe-tiny", "limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"]
 METRICS = [("zeroshot_top1", "zero-shot top-1", 100, "{:.1f}%"), ("retrieval_i2t_R@1", "R@1 i->t", 100, "{:.1f}%"),
@@ -58,7 +80,15 @@ PAIRS = [("limoe-tiny", "clip-tiny"), ("limoe-tiny, joint", "clip-tiny"), ("limo
          ("limoe-tiny, BPR, cf 0.5", "limoe-tiny, vanilla, cf 0.5")] + [
     (d, b) for d in DESIGNS for b in ("limoe-tiny", "clip-tiny")] + [("limoe-tiny-auxfree-modality", "limoe-tiny-auxfree")] + [
     (f"{d}, rate 0.01", b) for d in ("limoe-tiny-auxfree", "limoe-tiny-auxfree-modality") for b in ("limoe-tiny", "clip-tiny", d)] + [
-    ("limoe-tiny-auxfree-modality, rate 0.01", "limoe-tiny-auxfree, rate 0.01")]
+    ("limoe-tiny-auxfree-modality, rate 0.01", "limoe-tiny-auxfree, rate 0.01")] + [
+    ("limoe-tiny-single, joint", "clip-tiny"), ("limoe-tiny-single, joint", "clip-tiny-single"),
+    ("limoe-tiny-single, joint", "limoe-tiny"), ("limoe-tiny-single, joint", "limoe-tiny, joint"),
+    ("clip-tiny-single", "clip-tiny")] + [
+    # the threshold sweep and the local loss, against each design's log-2 default
+    (v, base) for base in ("limoe-tiny, joint", "limoe-tiny-single, joint") for v in RECIPE
+    if v.startswith(base + ",") and "text" in v] + [
+    (v, "limoe-tiny") for v in RECIPE if ", joint, " in v] + [
+    (v, v.replace(", no text local entropy", "")) for v in RECIPE if v.endswith(", no text local entropy") and "tau" in v]
 
 
 def mean_std(xs: list[float], fmt: str) -> str:
@@ -71,8 +101,9 @@ def mean_std(xs: list[float], fmt: str) -> str:
 
 def summarize(runs: list[dict], variants: list[str]) -> str:
     lines = ["| variant | seeds | " + " | ".join(m[1] for m in METRICS) + " | min expert share (image / text) "
-             "| effective experts, mean over layers (image / text) | dropped at evaluation (image / text) |",
-             "|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
+             "| effective experts, mean over layers (image / text) | top-1 effective experts (image / text) "
+             "| dropped at evaluation (image / text) |",
+             "|---|---|" + "---|" * len(METRICS) + "---|---|---|---|"]
     for v in variants:
         rs = [r for r in runs if r["model"] == v]
         cells = [mean_std([r[k] * scale for r in rs if r.get(k) is not None], fmt) for k, _, scale, fmt in METRICS]
@@ -80,14 +111,16 @@ def summarize(runs: list[dict], variants: list[str]) -> str:
         for mod in ("image", "text"):
             xs = [r["expert_usage"][mod]["min_share"] * 100 for r in rs if mod in r.get("expert_usage", {})]
             shares.append(mean_std(xs, "{:.1f}%") if xs else "-")
-        eff, drop = [], []
+        eff, top1, drop = [], [], []
         for mod in ("image", "text"):
             us = [r["expert_usage"][mod] for r in rs if mod in r.get("expert_usage", {})]
             eff.append(mean_std([statistics.mean(u["effective_experts"]) for u in us], "{:.2f}") if us else "-")
+            t1 = [statistics.mean(u["effective_experts_top1"]) for u in us if "effective_experts_top1" in u]
+            top1.append(mean_std(t1, "{:.2f}") if t1 else "-")
             ds = [100 * u["dropped_frac"] for u in us if "dropped_frac" in u]
             drop.append(mean_std(ds, "{:.1f}%") if ds else "-")
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + f" | {shares[0]} / {shares[1]} | {eff[0]} / {eff[1]} "
-                     f"| {drop[0]} / {drop[1]} |")
+                     f"| {top1[0]} / {top1[1]} | {drop[0]} / {drop[1]} |")
     return "\n".join(lines)
 
 
@@ -117,10 +150,9 @@ def paired_table(results: list[dict]) -> str:
 
 def _thresholds(name: str, overrides: dict | None) -> dict:
     """exp(tau) per modality: the effective experts the global entropy loss asks for."""
-    from vlmoe.models.factory import get_model_config
+    from vlmoe.models.factory import resolve_config
 
-    cfg = get_model_config(name)["moe"]
-    moe = {**cfg, **((overrides or {}).get("moe") or {})}
+    moe = resolve_config(name, **(overrides or {})).get("moe") or {}
     if not moe.get("global_entropy_weight"):
         return {}
     out = {}
@@ -132,10 +164,14 @@ def _thresholds(name: str, overrides: dict | None) -> dict:
 
 
 def collapse_table(runs: list[dict], variants: list[str]) -> str:
-    """Per MoE variant, layer and modality: effective experts exp(H(p)) and the top expert's
-    share of the modality's tokens (means over seeds, min-max in brackets)."""
-    lines = ["| variant | layer | image: effective experts | text: effective experts | image: top expert share | "
-             "text: top expert share | target exp(tau) image / text |", "|---|---|---|---|---|---|---|"]
+    """Per MoE variant, layer and modality: effective experts exp(H(p)) of the mean gate, the
+    top expert's share of the modality's kept assignments, and the same two on the top-1
+    choices (collapse on the assignments); means over seeds, min-max in brackets."""
+    cols = (("effective_experts", 1, "{:.2f}", "effective experts"), ("top_expert_share", 100, "{:.0f}%", "top expert share"),
+            ("effective_experts_top1", 1, "{:.2f}", "top-1 effective experts"),
+            ("top1_top_expert_share", 100, "{:.0f}%", "top-1 share of the top expert"))
+    lines = ["| variant | layer | " + " | ".join(f"{m}: {c[3]}" for c in cols for m in ("image", "text"))
+             + " | target exp(tau) image / text |", "|---|---|" + "---|" * (2 * len(cols) + 1)]
     for v in variants:
         rs = [r for r in runs if r["model"] == v and r.get("expert_usage")]
         if not rs:
@@ -145,11 +181,38 @@ def collapse_table(runs: list[dict], variants: list[str]) -> str:
         n_layers = len(rs[0]["expert_usage"]["image"]["effective_experts"])
         for layer in range(n_layers):
             cells = []
-            for key, scale, fmt in (("effective_experts", 1, "{:.2f}"), ("top_expert_share", 100, "{:.0f}%")):
+            for key, scale, fmt, _ in cols:
                 for m in ("image", "text"):
-                    xs = [r["expert_usage"][m][key][layer] * scale for r in rs if m in r["expert_usage"]]
+                    xs = [r["expert_usage"][m][key][layer] * scale for r in rs if key in r["expert_usage"].get(m, {})]
                     cells.append(f"{fmt.format(statistics.mean(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})" if xs else "-")
             lines.append(f"| {v} | {layer} | " + " | ".join(cells) + f" | {goal} |")
+    return "\n".join(lines)
+
+
+def routing_table(runs: list[dict], variants: list[str]) -> str:
+    """Per MoE variant: zero-shot top-1 under each evaluation routing (the same checkpoints),
+    the fraction of image / text choices each dropped, and the paired differences dropless -
+    per-example and batch - per-example (points, 95% interval, seeds where the first is better)."""
+    from vlmoe.eval.paired import paired_difference
+
+    lines = ["| variant | eval routing | seeds | zero-shot top-1 | dropped image | dropped text | minus per-example (points) |",
+             "|---|---|---|---|---|---|---|"]
+    for v in variants:
+        rs = [r for r in runs if r["model"] == v and r.get("eval_routing")]
+        for how in EVAL_ROUTINGS:
+            got = [r for r in rs if how in r["eval_routing"]]
+            if not got:
+                continue
+            top1 = mean_std([100 * r["eval_routing"][how]["zeroshot_top1"] for r in got], "{:.1f}%")
+            drops = [mean_std([100 * r["eval_routing"][how]["expert_usage"][m]["dropped_frac"] for r in got
+                               if "dropped_frac" in r["eval_routing"][how]["expert_usage"].get(m, {})], "{:.1f}%") for m in ("image", "text")]
+            diff = "-"
+            if how != "per_example" and all("per_example" in r["eval_routing"] for r in got):
+                d = paired_difference({r["seed"]: 100 * r["eval_routing"][how]["zeroshot_top1"] for r in got},
+                                      {r["seed"]: 100 * r["eval_routing"]["per_example"]["zeroshot_top1"] for r in got})
+                ci = f"[{d['low']:+.1f}, {d['high']:+.1f}]" if d["low"] is not None else "(one seed)"
+                diff = f"{d['mean']:+.1f} {ci}, {d['wins']}/{d['n']}"
+            lines.append(f"| {v} | {how} | {len(got)} | {top1} | {drops[0]} | {drops[1]} | {diff} |")
     return "\n".join(lines)
 
 
@@ -159,9 +222,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--recipe", action="store_true", help="the variants of issue #27 (LIMoE's recipe; overrides --variants)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--eval-routings", nargs="*", default=list(EVAL_ROUTINGS), choices=EVAL_ROUTINGS,
+                   help="test each MoE checkpoint under these evaluation routings too (the report's routing table)")
     a = p.parse_args(argv)
+    if a.recipe:
+        a.variants = list(RECIPE)
     warnings.filterwarnings("ignore")
     from vlmoe.train.run import quiet_lightning, train_and_evaluate
 
@@ -181,6 +249,7 @@ def main(argv=None):
             zeroshot_shards=str(DATA / "test-000000.tar"), classnames=str(DATA / "classnames.txt"),
             templates=str(DATA / "templates.txt"), steps=a.steps, batch_size=a.batch_size, seed=seed,
             model_overrides=overrides, label=v, num_workers=a.num_workers, progress_every=max(a.steps // 2, 1),
+            eval_routings=tuple(a.eval_routings),
         )
         done.append(r)
         with open(results_path, "a") as f:
@@ -188,8 +257,8 @@ def main(argv=None):
     runs = [r for r in done if r["steps"] == a.steps and r["seed"] in a.seeds]
     header = f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}), {a.steps} steps x {a.batch_size}, bundled digits; mean +- std\n\n"
     paired = paired_results(runs, a.variants)
-    table = "\n\n".join(t for t in (summarize(runs, a.variants), paired_table(paired),
-                                     collapse_table(runs, a.variants)) if t.count("\n") > 1)
+    table = "\n\n".join(t for t in (summarize(runs, a.variants), paired_table(paired), collapse_table(runs, a.variants),
+                                     routing_table(runs, a.variants)) if t.count("\n") > 1)
     (a.out / "table.md").write_text(header + table + "\n")
     summary = {"steps": a.steps, "batch_size": a.batch_size, "seeds": a.seeds, "paired": paired,
                "command": "python scripts/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)}

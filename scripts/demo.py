@@ -54,7 +54,9 @@ def seed_context(results: list[dict], summary_path: Path = SUMMARY) -> str:
     d = 100 * (by["limoe-tiny"]["zeroshot_top1"] - by["clip-tiny"]["zeroshot_top1"])
     lines = [f"This run is one seed ({seed}): LIMoE - CLIP = {d:+.1f} points of zero-shot top-1. One seed shows that "
              "both models train and how they route; it cannot say which is better, because the difference moves by "
-             "several points from seed to seed."]
+             "several points from seed to seed. The same seed also prints other numbers on another CPU type (the "
+             "matmuls round differently, and 250 steps amplify it): if yours differ from docs/results.md, that is why. "
+             "The paired result is the one to read."]
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         for p in summary["paired"]:  # the demo's own pair: limoe-tiny as configured, against clip-tiny

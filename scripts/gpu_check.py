@@ -149,7 +149,7 @@ def check_training(device, names, batch_size, reps) -> dict:
     return {n: batch_size / v for n, v in t.items()}
 
 
-def check_compile_and_syncs(device, name, batch_size, reps) -> dict:
+def check_compile_and_syncs(device, name, batch_size, reps, backend: str = "inductor") -> dict:
     """The training step of `name` eager and compiled (nn.Module.compile, as `--model.compile
     true`), bf16 autocast: the first step's losses side by side, samples/s interleaved, and the
     host syncs of one eager step, counted twice: by vlmoe.syncs.HostSyncCounter (what the CPU
@@ -165,7 +165,7 @@ def check_compile_and_syncs(device, name, batch_size, reps) -> dict:
         torch.manual_seed(0)
         model = vlmoe.create_model(name, moe={"noise_scale": 0.0}).to(device).train()
         if label == "compiled":
-            model.compile()
+            model.compile(backend=backend)
         size, _ = model_input_spec(name)
         g = torch.Generator().manual_seed(0)
         images = torch.randn(batch_size, 3, size, size, generator=g).to(device)
@@ -199,7 +199,7 @@ def check_compile_and_syncs(device, name, batch_size, reps) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
         cuda_syncs = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message).lower()]
     t = _interleaved({label: (lambda label=label: step(label)) for label in setups}, reps, device)
-    return {"model": name, "first_loss": first, "dispatch_syncs": counter.total, "dispatch_where": dict(counter.where),
+    return {"model": name, "backend": backend, "first_loss": first, "dispatch_syncs": counter.total, "dispatch_where": dict(counter.where),
             "cuda_sync_warnings": None if cuda_syncs is None else len(cuda_syncs), "cuda_sync_examples": (cuda_syncs or [])[:5],
             "samples_per_s": {k: batch_size / v for k, v in t.items()}, "compiled_over_eager_time": t["compiled"] / t["eager"]}
 
@@ -211,6 +211,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=".", help="folder for gpu_check.json")
     p.add_argument("--skip-compile", action="store_true", help="leave out the compiled-vs-eager step and sync count")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled step (the CPU "
+                   "smoke test: aot_eager, which skips inductor's minutes of C++ compiling)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dim, tokens = (64, 512) if a.tiny else (768, 197 * 64)
@@ -231,7 +233,7 @@ def main(argv=None):
     print(f"\nbf16-mixed training, batch {batch}: " + ", ".join(f"{n} {v:.1f} samples/s" for n, v in rate.items())
           + f"; ratio {rate[names[0]] / rate[names[1]]:.2f}x")
     if not a.skip_compile:
-        c = report["compile"] = check_compile_and_syncs(device, names[0], batch, a.reps)
+        c = report["compile"] = check_compile_and_syncs(device, names[0], batch, a.reps, a.compile_backend)
         print(f"\n{c['model']} training step, compiled vs eager (bf16 autocast, batch {batch}): first loss "
               f"{c['first_loss']['eager']:.5f} / {c['first_loss']['compiled']:.5f}; samples/s "
               + ", ".join(f"{k} {v:.1f}" for k, v in c["samples_per_s"].items())

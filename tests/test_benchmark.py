@@ -121,13 +121,17 @@ def test_clip_benchmark_acc1_equals_vlmoe_zeroshot_top1(layout, models, results,
             assert name.startswith("visual." if modality == "image" else "transformer.")
             assert r["tokens"] == (24 * 65 if modality == "image" else real)
             if modality == "text":  # issue #24: text numbers against a routing recomputed by hand
-                counts, n, dropped, mean_gate = ref_text[name]
+                counts, n, dropped, mean_gate, first = ref_text[name]
                 assert n == r["tokens"]
                 assert r["expert_share"] == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
                 assert r["dropped_frac"] == pytest.approx(dropped / n, abs=1e-9)
                 assert r["effective_experts"] == pytest.approx(math.exp(-(mean_gate * mean_gate.log()).sum().item()), rel=1e-5)
+                # issue #27: collapse on the top-1 choices (before capacity: not the kept share)
+                share = first[first > 0] / n
+                assert r["effective_experts_top1"] == pytest.approx(math.exp(-(share * share.log()).sum().item()), rel=1e-6)
+                assert r["top1_top_expert_share"] == pytest.approx(float(share.max()), rel=1e-6)
         all_text = [ref_text[k] for k in ref_text]
-        text_dropped = sum(d for _, _, d, _ in all_text) / sum(n for _, n, _, _ in all_text)
+        text_dropped = sum(d for _, _, d, _, _ in all_text) / sum(n for _, n, _, _, _ in all_text)
         assert text_dropped > 0  # the capacity binds for text too, so a wrong count would show
         assert moe["dropped_frac"]["text"] == pytest.approx(text_dropped, abs=1e-9)
 
@@ -136,7 +140,7 @@ def _reference_text_routing(model_dir, prompts):
     """Each text MoE layer's routing of the prompts, recomputed by hand from the layer's input:
     top-1 softmax gates, per-example capacity ceil(n_real * cf / E) rounded up to 4, Batch
     Prioritized Routing (higher gate first) within each example. {layer name: (kept per
-    expert, real tokens, dropped, mean gate)}."""
+    expert, real tokens, dropped, mean gate, top-1 choices per expert before capacity)}."""
     from vlmoe.moe import SparseMoE
     from vlmoe.moe.layer import current_routing_context
 
@@ -167,11 +171,13 @@ def _reference_text_routing(model_dir, prompts):
         assert x.shape[:2] == mask.shape and layer.top_k == 1
         gates = torch.softmax(x.double() @ layer.router.weight.double().T, -1)
         counts, n, dropped, gate_sum = torch.zeros(E), 0, 0, torch.zeros(E, dtype=torch.float64)
+        first = torch.zeros(E, dtype=torch.float64)
         for b in range(x.shape[0]):
             g = gates[b][mask[b]]
             cap = math.ceil(len(g) * cf / E)
             cap = -(-cap // 4) * 4
             top, expert = g.max(-1)
+            first += torch.bincount(expert, minlength=E).double()
             used = [0] * E  # this example's slots taken, per expert
             for i in sorted(range(len(g)), key=lambda i: -float(top[i])):
                 e = int(expert[i])
@@ -182,7 +188,7 @@ def _reference_text_routing(model_dir, prompts):
             counts += torch.tensor(used, dtype=torch.float32)
             n += len(g)
             gate_sum += g.sum(0)
-        out[name] = (counts, n, dropped, (gate_sum / n).float())
+        out[name] = (counts, n, dropped, (gate_sum / n).float(), first)
     return out
 
 

@@ -508,6 +508,26 @@ def test_auto_implementation_rule(monkeypatch):
     assert calls == ["bmm", "bmm", "bmm", "ragged"]
 
 
+def test_top1_effective_experts_count_first_choices_of_real_tokens():
+    """Issue #27's collapse measure: exp(H) of the share of real tokens whose top-1 choice is
+    each expert, before capacity. Planted: padding counted, kept assignments counted instead of
+    first choices, the mean gate's entropy instead. Hand computation on 4 real tokens."""
+    moe = SparseMoE(3, 8, num_experts=3, capacity_factor=0.5, multiple_of=1, noise_scale=0.0).eval()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3))
+    # first choices 0, 0, 0, 1 (nearly even gates); the padded token would pick expert 2
+    x = torch.tensor([[[0.3, 0, 0], [0.2, 0, 0], [0.1, 0, 0], [0, 0.1, 0], [0, 0, 9.0]]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    moe(x, mask=mask)
+    st = moe.aux[None].stats
+    assert st["top1_per_expert"].tolist() == [3.0, 1.0, 0.0]
+    share = torch.tensor([0.75, 0.25])
+    assert float(st["effective_experts_top1"]) == pytest.approx(float(torch.exp(-(share * share.log()).sum())), rel=1e-6)
+    # capacity ceil(4 * 0.5 / 3) = 1: expert 0 keeps one of its three, so kept counts differ
+    assert st["tokens_per_expert"].tolist() == [1.0, 1.0, 0.0]
+    assert float(st["effective_experts"]) > 2.9  # the soft measure sees nearly even gates
+
+
 def test_expert_load_and_mean_gate_values():
     """README: statistics per call. Planted: mean_gate over padded tokens, expert_load not
     normalised by the kept choices. Hand computation on 3 real tokens."""

@@ -47,6 +47,7 @@ def test_demo_puts_its_single_seed_beside_the_paired_report(tmp_path):
     path.write_text(json.dumps(summary))
     text = demo.seed_context(results, path)
     assert "one seed (1): LIMoE - CLIP = -3.0 points" in text and "cannot say which is better" in text
+    assert "other numbers on another CPU type" in text and "The paired result is the one to read." in text
     assert "Paired over 5 seeds" in text and "+1.2 points, 95% interval [-2.0, +4.4]" in text
     assert "LIMoE ahead on 3 of 5 seeds (seed 1: -3.0)" in text
     assert "-7.0" not in text  # another variant's pair is not the demo's

@@ -11,7 +11,7 @@ import torch
 import vlmoe
 from vlmoe.cli import routing_main
 from vlmoe.errors import ConfigError
-from vlmoe.eval.routing import capture_routing, routing_summary
+from vlmoe.eval.routing import capture_routing, gate_mass_of, routing_summary
 from vlmoe.moe import SparseMoE
 
 
@@ -23,7 +23,7 @@ def test_captured_routing_is_what_the_layer_computed():
     x = torch.randn(2, 10, 8)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 6:] = False
-    with capture_routing(moe) as store:
+    with capture_routing(moe) as store, gate_mass_of([moe]) as gates:
         y = moe(x, mask=mask, modality="text")
     rec = store[0][0]
     assert rec["modality"] == "text" and rec["expert"].shape == (2, 10)
@@ -31,10 +31,17 @@ def test_captured_routing_is_what_the_layer_computed():
     assert torch.equal(rec["expert"][mask], expected[mask]) and (rec["expert"][~mask] == -1).all()
     assert torch.equal(rec["kept"], (y.abs().sum(-1) > 0))
     assert not rec["kept"].all() and moe.capture is None  # capacity bound; capture off after the block
-    summary = routing_summary(store, [4])["layer0"]["text"]
+    summary = routing_summary(store, [4], gates)["layer0"]["text"]
     assert summary["tokens"] == 16 and sum(summary["tokens_per_expert"]) == 16
     assert summary["dropped_frac"] == pytest.approx(1 - float(rec["kept"][mask].double().mean()))
-    assert 1 <= summary["effective_experts"] <= 4
+    # issue #27: both collapse measures, recomputed from the real tokens' gates
+    g = (x @ moe.router.weight.t()).double().softmax(-1)[mask]
+    share = torch.bincount(g.argmax(-1), minlength=4).double() / 16
+    share = share[share > 0]
+    assert summary["effective_experts_top1"] == pytest.approx(float(torch.exp(-(share * share.log()).sum())), rel=1e-9)
+    p = g.mean(0)
+    assert summary["effective_experts"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+    assert summary["effective_experts"] != pytest.approx(summary["effective_experts_top1"], rel=1e-3)
 
 
 def test_vlmoe_routing_writes_the_promised_files(shards, tmp_path):
@@ -49,6 +56,7 @@ def test_vlmoe_routing_writes_the_promised_files(shards, tmp_path):
     assert saved["patch_maps"]["shape"] == [3, 2, 8, 8]  # 3 images, 2 MoE layers, the 8x8 patch grid of limoe-tiny
     for layer in ("layer0", "layer1"):
         assert saved[layer]["image"]["tokens"] == 12 * 65 and set(saved[layer]) == {"image", "text"}
+        assert all({"effective_experts", "effective_experts_top1"} <= set(saved[layer][m]) for m in ("image", "text"))
     html = (out / "tokens.html").read_text()
     assert html.count("<table>") == 3 and "MoE 1" in html and "e0" in html
     assert summary["files"]["tokens"] == "tokens.html"

@@ -68,13 +68,15 @@ def test_bench_ep_quick():
 
 
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
-    out = run("scripts/gpu_check.py", "--tiny", "--reps", "1", "--device", "cpu", "--out", str(tmp_path))
+    out = run("scripts/gpu_check.py", "--tiny", "--reps", "1", "--device", "cpu", "--out", str(tmp_path), "--compile-backend", "aot_eager")
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["correctness"]["grouped_mm_vs_loop_bf16_max_rel_diff"] < 0.05  # bf16 rounding only
     for routing_groups in ("per_modality", "joint", "soft", "auxfree", "auxfree-modality", "shared", "fine"):  # the same device: the same numbers
         assert report["correctness"][f"{routing_groups}_features_max_abs_diff"] == 0.0
     assert len(report["layer"]) == 4 and set(report["training_samples_per_s"]) == {"limoe-tiny", "clip-tiny"}
     assert "samples/s" in out
+    c = report["compile"]  # section 4's code path (inductor on the GPU, aot_eager here)
+    assert c["backend"] == "aot_eager" and c["dispatch_syncs"] == 0 and c["first_loss"]["eager"] == pytest.approx(c["first_loss"]["compiled"], rel=1e-2)
 
 
 def test_vlmoe_info_json():
@@ -109,7 +111,22 @@ def test_compare_report_is_resumable(tmp_path):
             "--out", str(tmp_path), "--num-workers", "0"]
     runs = compare.main(args)
     assert len(runs) == 2 and {r["model"] for r in runs} == {"clip-tiny", "limoe-tiny, BPR, cf 0.5"}
-    assert "+-" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "+-" in table
+    # issue #27: every MoE checkpoint tested under each evaluation routing, with dropped fractions
+    moe = next(r for r in runs if r["model"] != "clip-tiny")
+    assert next(r for r in runs if r["model"] == "clip-tiny")["eval_routing"] == {}
+    routed = moe["eval_routing"]
+    assert list(routed) == ["per_example", "batch", "dropless"]
+    for m in ("image", "text"):
+        assert routed["dropless"]["expert_usage"][m]["dropped_frac"] == 0.0
+        assert routed["per_example"]["expert_usage"][m]["dropped_frac"] > 0.0  # capacity factor 0.5 binds
+        assert len(routed["per_example"]["expert_usage"][m]["effective_experts_top1"]) == 2  # one per MoE layer
+    assert moe["zeroshot_top1"] == routed["per_example"]["zeroshot_top1"]  # the configured routing, put back
+    assert moe["expert_usage"] == routed["per_example"]["expert_usage"]
+    for how in ("per_example", "batch", "dropless"):
+        assert f"| limoe-tiny, BPR, cf 0.5 | {how} | 1 |" in table
+    assert "top-1 effective experts" in table
     again = compare.main(args)  # nothing re-run: both runs are in runs.jsonl
     assert [r["fit_seconds"] for r in again] == [r["fit_seconds"] for r in runs]
 

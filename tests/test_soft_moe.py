@@ -120,6 +120,9 @@ def test_statistics_by_hand():
     assert float(st["slot_concentration"]) == pytest.approx(float(disp.max(1).values.mean()), rel=1e-5)
     torch.testing.assert_close(st["mean_gate"], comb.mean(0))
     assert float(st["dropped_frac"]) == 0 and st["tokens_per_expert"].tolist() == [1.0] * E
+    # each token's "first choice": the expert whose slots give it the most combine weight
+    assert st["top1_per_expert"].tolist() == [1.0, 1.0] + [0.0] * (E - 2)
+    assert float(st["effective_experts_top1"]) == pytest.approx(2.0, rel=1e-6)
 
 
 def test_bad_input_and_expert_parallelism_refused():

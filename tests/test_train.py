@@ -245,6 +245,12 @@ def test_evaluation_routing_counts_cover_each_token_once(shards, tmp_path, routi
             else:  # a caption's few tokens rarely overflow 4 slots per expert
                 assert kept <= n
             torch.testing.assert_close(module.routing_mean_gates[(layer, m)].sum(), torch.tensor(1.0))
+            # issue #27: every real token's first choice counted once, dropped or not
+            top1 = module.routing_top1[(layer, m)].double()
+            assert int(top1.sum()) == n
+            share = top1[top1 > 0] / n
+            logged = float(trainer.callback_metrics[f"val/effective_experts_top1/layer{layer}/{m}"])
+            assert logged == pytest.approx(float(torch.exp(-(share * share.log()).sum())), rel=1e-5)
     assert float(trainer.callback_metrics["val/skipped_samples"]) == 0
 
 

@@ -14,7 +14,7 @@ from ..moe import MoEBase, moe_layers
 from ..moe.losses import entropy
 from .pictures import expert_colors, modality_bars, patch_maps, token_table
 
-__all__ = ["capture_routing", "routing_summary", "effective_experts", "expert_colors", "modality_bars", "patch_maps", "token_table",
+__all__ = ["capture_routing", "gate_mass_of", "routing_summary", "effective_experts", "expert_colors", "modality_bars", "patch_maps", "token_table",
            "write_routing_report"]
 
 
@@ -48,9 +48,11 @@ def effective_experts(p: torch.Tensor) -> float:
     return float(torch.exp(entropy(p / p.sum().clamp_min(1e-300))))
 
 
-def routing_summary(store: dict, num_experts: list[int]) -> dict:
-    """Per layer and modality: tokens per expert (top-1), share, dropped fraction of the
-    top-1 choices, effective number of experts exp(H(share)) and the top expert's share."""
+def routing_summary(store: dict, num_experts: list[int], gate_mass: dict | None = None) -> dict:
+    """Per layer and modality: tokens per expert (top-1 choices), share, dropped fraction of the
+    top-1 choices, the top expert's share, and two effective numbers of experts: of the top-1
+    assignments, exp(H(share)) (`effective_experts_top1`), and LIMoE's, exp(H(mean gate))
+    (`effective_experts`, when `gate_mass` {(layer, modality): summed gates} is given)."""
     out = {}
     for i, records in store.items():
         E = num_experts[i]
@@ -61,13 +63,40 @@ def routing_summary(store: dict, num_experts: list[int]) -> dict:
             kept = torch.cat([r["kept"][r["mask"]].reshape(-1) for r in mine])
             counts = torch.bincount(experts, minlength=E).double()
             share = counts / counts.sum().clamp_min(1)
-            layer[modality] = {
+            entry = {
                 "tokens": int(counts.sum()), "tokens_per_expert": counts.long().tolist(), "share": share.tolist(),
                 "dropped_frac": float(1 - kept.double().mean()) if kept.numel() else 0.0,
-                "effective_experts": effective_experts(share) if counts.sum() else 1.0, "top_expert_share": float(share.max()),
+                "effective_experts_top1": effective_experts(share) if counts.sum() else 1.0, "top_expert_share": float(share.max()),
             }
+            gates = (gate_mass or {}).get((i, modality))
+            if gates is not None:
+                entry["effective_experts"] = effective_experts(gates)
+            layer[modality] = entry
         out[f"layer{i}"] = layer
     return out
+
+
+@contextlib.contextmanager
+def gate_mass_of(layers: list[MoEBase]):
+    """Inside the block, sums each layer's gates per modality from its calls' statistics;
+    yields {(layer index, modality): gate mass over experts}."""
+    mass: dict = {}
+    index = {id(m): i for i, m in enumerate(layers)}
+
+    def observe(layer, modality, aux):
+        if str(modality).startswith("joint"):
+            return  # a joint call's tokens are in its per-modality records too
+        key = (index[id(layer)], (modality or "all").split("#")[0])
+        st = aux.stats
+        mass[key] = mass.get(key, 0) + (st["mean_gate"] * st["num_tokens"]).detach().double().cpu()
+
+    for m in layers:
+        m.observers.append(observe)
+    try:
+        yield mass
+    finally:
+        for m in layers:
+            m.observers.remove(observe)
 
 
 @torch.no_grad()
@@ -81,14 +110,14 @@ def write_routing_report(model, images: torch.Tensor, texts: torch.Tensor | None
     model.eval()
     out = Path(out)
     try:
-        with capture_routing(model) as store:
+        with capture_routing(model) as store, gate_mass_of(layers) as gates:
             model.encode_image(images)
             if texts is not None:
                 model.encode_text(texts)
     finally:
         model.train(was_training)
     E = [m.num_experts for m in layers]
-    summary = routing_summary(store, E)
+    summary = routing_summary(store, E, gates)
     modality_bars(summary, out / "modality_bars.png", title)
     grid = tuple(getattr(model.visual, "grid_size", None) or ())
     files = {"modality_bars": "modality_bars.png"}

@@ -68,32 +68,36 @@ class RoutingMeter:
         self.kept += kept
         self.expert_flops += int(st["tokens_per_expert"].sum()) * expert_flops_per_row(layer)
         name = self.names.get((id(layer), modality), self.names[(id(layer), None)])
-        acc = self.per_layer.setdefault((name, modality), [0, 0, 0, 0.0, 0.0])
+        acc = self.per_layer.setdefault((name, modality), [0, 0, 0, 0.0, 0.0, 0.0])
         acc[0] += n
         acc[1] += choices
         acc[2] += kept
         acc[3] = acc[3] + st["tokens_per_expert"].detach().float().cpu()
         acc[4] = acc[4] + st["mean_gate"].detach().float().cpu() * n
+        acc[5] = acc[5] + st["top1_per_expert"].detach().float().cpu()
 
     def layer_summary(self) -> list[dict]:
         """Per MoE layer and modality: tokens routed, each expert's share of the kept
-        assignments, the top expert's share, LIMoE's effective experts exp(H(mean gate))
-        and the dropped fraction."""
+        assignments, the top expert's share, LIMoE's effective experts exp(H(mean gate)),
+        the effective experts of the top-1 choices exp(H(share of first choices)) with the
+        largest such share, and the dropped fraction."""
         from ..moe.losses import entropy
 
         rows = []
-        for (name, modality), (n, choices, kept, counts, gates) in sorted(self.per_layer.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
+        for (name, modality), (n, choices, kept, counts, gates, top1) in sorted(self.per_layer.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
             share = counts / counts.sum().clamp_min(1)
             mean_gate = gates / max(n, 1)
+            first = top1 / top1.sum().clamp_min(1)
             rows.append({"layer": name, "modality": modality, "tokens": n, "expert_share": [round(float(x), 6) for x in share],
                          "top_expert_share": float(share.max()), "effective_experts": float(torch.exp(entropy(mean_gate))),
+                         "effective_experts_top1": float(torch.exp(entropy(first))), "top1_top_expert_share": float(first.max()),
                          "dropped_frac": 1.0 - kept / choices if choices else 0.0})
         return rows
 
     def modality_dropped(self) -> dict[str, float]:
         """Fraction of routed choices dropped, per modality, over every layer."""
         out: dict[str, list[int]] = {}
-        for (_, modality), (_, choices, kept, _, _) in self.per_layer.items():
+        for (_, modality), (_, choices, kept, *_) in self.per_layer.items():
             acc = out.setdefault(str(modality), [0, 0])
             acc[0], acc[1] = acc[0] + choices, acc[1] + kept
         return {m: 1.0 - k / c if c else 0.0 for m, (c, k) in out.items()}

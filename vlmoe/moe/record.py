@@ -77,7 +77,7 @@ class RoutingRecord:
         out = self._losses(router, opts, losses, S, mask_T, logits, noisy, clean, gates)
         total = sum((getattr(opts, _WEIGHT_OF[k]) * v for k, v in out.items()), logits.new_zeros(()))
         with torch.no_grad():
-            stats = _stats(router, counts_E, kept_per_token, mask_T, clean, a.route_capacity, ep_size)
+            stats = _stats(router, counts_E, kept_per_token, mask_T, clean, gates, a.route_capacity, ep_size)
         return MoEAux(total, out, stats)
 
     def _losses(self, router, opts, names, S, mask_T, logits, noisy, clean, gates) -> dict[str, torch.Tensor]:
@@ -109,7 +109,17 @@ class RoutingRecord:
         return router.top1_kept(self.gates_TE, self.assignment, T)
 
 
-def _stats(router, counts_E, kept_per_token, mask_T, clean_gates_TE, capacity, ep_size) -> dict[str, torch.Tensor]:
+def top1_stats(top1_T: torch.Tensor, mask_T: torch.Tensor, E: int) -> dict[str, torch.Tensor]:
+    """Collapse on the assignments: how many real tokens make each expert their top-1 choice
+    (before capacity), and exp(H) of that share (1: every token's first choice is one expert;
+    E: first choices spread evenly). The soft measure exp(H(mean gate)) can read 5.8 of 8
+    while 69% of the tokens pick one expert first; this one cannot."""
+    counts_E = torch.zeros(E, dtype=torch.float32, device=mask_T.device).index_add_(0, top1_T, mask_T.float())
+    share_E = counts_E / counts_E.sum().clamp_min(1)
+    return {"top1_per_expert": counts_E, "effective_experts_top1": torch.exp(L.entropy(share_E))}
+
+
+def _stats(router, counts_E, kept_per_token, mask_T, clean_gates_TE, gates_TE, capacity, ep_size) -> dict[str, torch.Tensor]:
     n_tokens = mask_T.sum()
     n_choices = n_tokens * router.choices_per_token
     n_kept = counts_E.sum()
@@ -121,6 +131,8 @@ def _stats(router, counts_E, kept_per_token, mask_T, clean_gates_TE, capacity, e
         "mean_gate": mean_gate,
         # exp(H(mean gate)): how many experts the tokens' mean routing spreads over (1..E)
         "effective_experts": torch.exp(L.entropy(mean_gate)),
+        # the same on the routing's top-1 choices (noisy gates in training)
+        **top1_stats(gates_TE.argmax(-1), mask_T, gates_TE.shape[-1]),
         "num_tokens": n_tokens.float(),
         "num_choices": n_choices.float(),
         "num_kept": kept.float(),

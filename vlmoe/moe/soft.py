@@ -22,7 +22,7 @@ from torch import nn
 from . import losses as L
 from .base import MoEBase
 from .config import LayerConfig
-from .record import MoEAux
+from .record import MoEAux, top1_stats
 from ..errors import ConfigError
 
 __all__ = ["SoftMoE"]
@@ -172,6 +172,8 @@ class SoftMoE(MoEBase):
             "expert_load": rows / rows.sum().clamp_min(1),
             "mean_gate": mean_gate,
             "effective_experts": torch.exp(L.entropy(mean_gate)),
+            # each token's "top-1": the expert whose slots give it the most combine weight
+            **top1_stats(combine_BTN.view(B, T, E, s).sum(-1).argmax(-1).reshape(-1), mask_BT.reshape(-1), E),
             "num_tokens": n_tokens.float(),
             "num_choices": n_tokens.float(),  # every token reaches the experts through the slots
             "num_kept": n_tokens.float(),

@@ -26,6 +26,14 @@ from .routing_report import RoutingReport
 __all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport", "SignalStop"]
 
 
+def _check_compile(compile) -> None:
+    if isinstance(compile, bool):
+        return
+    if not (isinstance(compile, str) and compile in torch._dynamo.list_backends(exclude_tags=())):
+        raise ConfigError(f"compile must be true, false or a torch.compile backend (inductor, aot_eager, eager, cudagraphs, ...: "
+                          f"torch._dynamo.list_backends(exclude_tags=())); got {compile!r}")
+
+
 def _check_training_args(**a) -> None:
     """One ConfigError line for an optimiser or schedule setting that cannot work."""
     for k in ("lr", "weight_decay", "aux_loss_weight"):  # lr 0: a frozen run (tests of what moves without training)
@@ -84,7 +92,9 @@ class LIMoEModule(L.LightningModule):
         compile: compile the model's forward with `torch.compile` (in place, in
             `configure_model`, so checkpoints keep their keys); the training step's forward
             and backward then run as compiled graphs (the capacity path makes no host sync, see
-            docs/benchmarks.md "Host syncs"); evaluation's `encode_*` calls stay eager.
+            docs/benchmarks.md "Host syncs"); evaluation's `encode_*` calls stay eager. True
+            uses inductor; a backend's name picks that backend (e.g. "aot_eager", to tell an
+            inductor bug from a graph-capture one).
 
     NaN / inf router logits are noted by each MoE layer on the device and checked on every
     logging step (`log_every_n_steps`) and after each evaluation (`vlmoe.moe.check_finite`):
@@ -106,7 +116,7 @@ class LIMoEModule(L.LightningModule):
         grad_checkpointing: bool = False,
         checkpoint_every_n_steps: int = 1000,
         moe_log_every_n_steps: int | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         _check_training_args(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
@@ -116,8 +126,7 @@ class LIMoEModule(L.LightningModule):
         self.model = create_model(model_name, pretrained=pretrained, **(model_overrides or {}))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        if not isinstance(compile, bool):
-            raise ConfigError(f"compile must be true or false; got {compile!r}")
+        _check_compile(compile)
         self._compiled = False
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
         self.skipped_samples = 0
@@ -130,6 +139,7 @@ class LIMoEModule(L.LightningModule):
     routing_counts = property(lambda self: self.routing_report.counts)
     routing_mean_gates = property(lambda self: self.routing_report.mean_gates)
     routing_dropped = property(lambda self: self.routing_report.dropped)
+    routing_top1 = property(lambda self: self.routing_report.top1)
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -144,10 +154,11 @@ class LIMoEModule(L.LightningModule):
     def configure_model(self) -> None:
         """Lightning's place for compiling: once, before the strategy wraps the model."""
         if self.hparams.get("compile", False) and not self._compiled:
+            backend = self.hparams.compile if isinstance(self.hparams.compile, str) else "inductor"
             if self.global_rank == 0:
-                print("vlmoe: compiling the model (torch.compile): the first training and evaluation steps take "
-                      "longer while the graphs are built", file=sys.stderr, flush=True)
-            self.model.compile()  # nn.Module.compile: in place, the state-dict keys stay
+                print(f"vlmoe: compiling the model (torch.compile, backend {backend}): the first training and evaluation "
+                      "steps take longer while the graphs are built", file=sys.stderr, flush=True)
+            self.model.compile(backend=backend)  # nn.Module.compile: in place, the state-dict keys stay
             self._compiled = True
 
     def configure_callbacks(self):
@@ -253,7 +264,7 @@ class LIMoEModule(L.LightningModule):
     def _moe_scalars(metrics: dict) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in metrics.items():
-            if k.endswith(("tokens_per_expert", "mean_gate")):
+            if k.endswith(("tokens_per_expert", "mean_gate", "top1_per_expert")):
                 continue
             if v.ndim == 0:
                 out[k] = v.float()
