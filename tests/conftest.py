@@ -1,6 +1,18 @@
-"""Tiny synthetic image-text shards, written by the tests themselves (no downloads)."""
+"""Tiny synthetic image-text shards, written by the tests themselves (no downloads); the
+thread budget of each pytest-xdist worker."""
 import io
+import os
 import random
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N`: N workers share the cores. Torch's default of one thread per core in every
+    # worker (and in every subprocess a test starts) oversubscribes them, and OpenMP's spinning
+    # threads then slow everything many times over. Each worker, and what it starts, gets its share.
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.update(OMP_NUM_THREADS=_threads, MKL_NUM_THREADS=_threads)
+    import torch
+
+    torch.set_num_threads(int(_threads))
 
 import pytest
 from PIL import Image, ImageDraw
@@ -43,11 +55,15 @@ def write_split(pattern, n, seed, per_shard, labelled=False, corrupt_every=0):
     return w.paths
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (the slow tests start processes of their own)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _run_outside_the_checkout(tmp_path_factory):
     """Whatever a test writes to the working directory (Lightning's default_root_dir, say)
     lands in a temporary folder, never in the repository."""
-    import os
 
     old = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))
