@@ -26,14 +26,6 @@ from .routing_report import RoutingReport
 __all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport", "SignalStop"]
 
 
-def _check_compile(compile) -> None:
-    if isinstance(compile, bool):
-        return
-    if not (isinstance(compile, str) and compile in torch._dynamo.list_backends(exclude_tags=())):
-        raise ConfigError(f"compile must be true, false or a torch.compile backend (inductor, aot_eager, eager, cudagraphs, ...: "
-                          f"torch._dynamo.list_backends(exclude_tags=())); got {compile!r}")
-
-
 def _check_training_args(**a) -> None:
     """One ConfigError line for an optimiser or schedule setting that cannot work."""
     for k in ("lr", "weight_decay", "aux_loss_weight"):  # lr 0: a frozen run (tests of what moves without training)
@@ -48,6 +40,10 @@ def _check_training_args(**a) -> None:
     check_int("--model.checkpoint_every_n_steps", a["checkpoint_every_n_steps"], 1)
     if a["moe_log_every_n_steps"] is not None:
         check_int("--model.moe_log_every_n_steps", a["moe_log_every_n_steps"], 1)
+    c = a["compile"]
+    if not isinstance(c, bool) and not (isinstance(c, str) and c in torch._dynamo.list_backends(exclude_tags=())):
+        raise ConfigError(f"compile must be true, false or a torch.compile backend (inductor, aot_eager, eager, cudagraphs, ...: "
+                          f"torch._dynamo.list_backends(exclude_tags=())); got {c!r}")
 
 
 def _plain_hp(v):
@@ -121,12 +117,12 @@ class LIMoEModule(L.LightningModule):
         super().__init__()
         _check_training_args(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
                              min_lr_ratio=min_lr_ratio, aux_loss_weight=aux_loss_weight,
-                             checkpoint_every_n_steps=checkpoint_every_n_steps, moe_log_every_n_steps=moe_log_every_n_steps)
+                             checkpoint_every_n_steps=checkpoint_every_n_steps, moe_log_every_n_steps=moe_log_every_n_steps,
+                             compile=compile)
         self.save_hyperparameters()
         self.model = create_model(model_name, pretrained=pretrained, **(model_overrides or {}))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        _check_compile(compile)
         self._compiled = False
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
         self.skipped_samples = 0
