@@ -22,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from vlmoe.moe.config import EVAL_ROUTING
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "digits"
 NO_ENTROPY = {"local_entropy_weight": 0.0, "global_entropy_weight": 0.0}
@@ -69,7 +71,7 @@ for _name in ("limoe-tiny", "limoe-tiny-single"):
             VARIANTS[_label] = (_name, _joint(_tau if _tau != 2 else None, _local))
             if _label not in RECIPE and (_tau == 2 or _local):
                 RECIPE.append(_label)
-EVAL_ROUTINGS = ("per_example", "batch", "dropless")
+EVAL_ROUTINGS = EVAL_ROUTING  # the layer's own list of evaluation routings
 DESIGNS = ["limoe-tiny-soft", "limoe-tiny-auxfree", "limoe-tiny-auxfree-modality", "limoe-tiny-shared", "limoe-tiny-fine"]
 DEFAULT_VARIANTS = ["clip-tiny", "limoe-tiny", "limoe-tiny, joint", "limoe-tiny, joint, no entropy losses"]
 METRICS = [("zeroshot_top1", "zero-shot top-1", 100, "{:.1f}%"), ("retrieval_i2t_R@1", "R@1 i->t", 100, "{:.1f}%"),
