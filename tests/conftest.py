@@ -55,6 +55,7 @@ def write_split(pattern, n, seed, per_shard, labelled=False, corrupt_every=0):
     return w.paths
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs the suite in one process
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4 (the slow tests start processes of their own)."""
     return max(1, min(4, os.cpu_count() or 1))

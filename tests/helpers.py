@@ -154,14 +154,17 @@ def expert_out(moe, e, x):
 FAST = ["--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
 
 
-def train_args(shards, root, config="limoe_tiny.yaml", steps=4, extra=()):
+def train_args(shards, root, config="limoe_tiny.yaml", steps=4, extra=(), sanity=False):
+    """An in-process `vlmoe fit` on the test shards. Lightning's sanity check (two validation
+    batches before training) runs only with `sanity=True`: the end-to-end fit and the installed
+    scripts' fits (`fit_args`) keep it; elsewhere it would only repeat the end-of-epoch validation."""
     return [
         "fit", "--config", str(CONFIGS / config),
         f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}",
         f"--data.zeroshot_shards={shards['zeroshot']}", f"--data.classnames={shards['classnames']}",
         f"--data.templates={shards['templates']}", f"--trainer.max_steps={steps}", "--data.batch_size=8",
         "--data.val_batch_size=8", "--data.samples_per_epoch=16", "--model.warmup_steps=2",
-        f"--trainer.default_root_dir={root}", *FAST, *extra,
+        f"--trainer.default_root_dir={root}", *FAST, *([] if sanity else ["--trainer.num_sanity_val_steps=0"]), *extra,
     ]
 
 

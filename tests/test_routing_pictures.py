@@ -94,3 +94,27 @@ def test_validation_writes_the_routing_pictures(shards, tmp_path):
     report = routing / "val_step0000002"
     assert {p.name for p in report.iterdir()} == {"modality_bars.png", "patches.png", "routing.json", "tokens.html"}
     assert json.loads((report / "routing.json").read_text())["title"] == "val routing at step 2"
+
+
+def test_patch_mosaic_pixels_by_hand():
+    """One image of 2 x 2 patches, two layers, 4-pixel cells: each patch is its expert's
+    colour; a dropped patch is lightened halfway to white with both diagonals black; the
+    image is upsampled beside them, with white gaps of 2 pixels between the panels."""
+    from vlmoe.eval.pictures import patch_mosaic
+
+    colors = [(1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.6, 0.0)]
+    image = torch.tensor([[[0.1, 0.2], [0.3, 0.4]]] * 3)[None]  # [1, 3, 2, 2]
+    maps = torch.tensor([[[[0, 1], [1, 0]], [[2, 2], [0, 1]]]])  # [1, 2 layers, 2, 2]
+    kept = torch.tensor([[[[True, False], [True, True]], [[True, True], [True, False]]]])
+    m = patch_mosaic(image, maps, kept, colors, cell=4)
+    assert m.shape == (8, 3 * 8 + 2 * 2, 3)
+    assert (m[:, 8:10] == 1).all() and (m[:, 18:20] == 1).all()  # the gaps
+    assert torch.allclose(m[4:8, 0:4], torch.full((4, 4, 3), 0.3))  # the image, nearest upsampling
+    first, second = m[:, 10:18], m[:, 20:28]
+    assert (first[0:4, 0:4] == torch.tensor([1.0, 0.0, 0.0])).all()  # layer 0, patch (0,0): expert 0, kept
+    dropped = first[0:4, 4:8]  # layer 0, patch (0,1): expert 1, dropped
+    diag = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert (dropped[diag] == 0).all() and (dropped[~diag] == torch.tensor([0.5, 0.5, 1.0])).all()
+    assert (second[0:4, 0:8] == torch.tensor([0.0, 0.6, 0.0])).all()  # layer 1, top row: expert 2, kept
+    assert (second[4:8, 0:4] == torch.tensor([1.0, 0.0, 0.0])).all()
+    assert (second[4:8, 4:8][diag] == 0).all() and (second[4:8, 4:8][~diag] == torch.tensor([0.5, 0.5, 1.0])).all()

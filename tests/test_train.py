@@ -21,7 +21,7 @@ import types
 
 @pytest.mark.parametrize("config,moe", [("limoe_tiny.yaml", True), ("clip_tiny.yaml", False)])
 def test_fit_end_to_end_through_the_cli(shards, tmp_path, config, moe):
-    cli = cli_main(train_args(shards, tmp_path, config))
+    cli = cli_main(train_args(shards, tmp_path, config, sanity=True))
     trainer = cli.trainer
     assert trainer.global_step == 4
     log_dir = Path(trainer.log_dir)

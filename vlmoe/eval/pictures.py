@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["routing_picture", "modality_bars", "patch_maps", "token_table", "expert_colors", "plot_sweep", "close"]
+__all__ = ["routing_picture", "modality_bars", "patch_maps", "patch_mosaic", "token_table", "expert_colors", "plot_sweep", "close"]
 
 
 def close(fig) -> None:
@@ -48,12 +48,19 @@ def modality_bars(summary: dict, path: str | Path, title: str = "routing"):
     import matplotlib.pyplot as plt
 
     layers = list(summary)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(max(6, 0.5 * len(next(iter(summary[layers[0]].values()))["tokens_per_expert"]) + 3),
-                                                      2.2 * len(layers) + 0.6), squeeze=False)
+    E = len(next(iter(summary[layers[0]].values()))["tokens_per_expert"])
+    # fixed margins in inches (matplotlib's tight_layout measured every label: most of the time
+    # a validation spent drawing)
+    width, block, legend = max(6.0, 0.5 * E + 3), 2.2, 0.6
+    height = block * len(layers) + legend
+    fig = plt.figure(figsize=(width, height))
     colors = {"image": "#4c72b0", "text": "#dd8452", "all": "#55a868"}
-    for ax, name in zip(axes[:, 0], layers):
+    first = None
+    for k, name in enumerate(layers):
+        top = height - 0.05 - block * k - 0.3  # room for the title
+        ax = fig.add_axes((0.75 / width, (top - 1.55) / height, 1 - 0.95 / width, 1.55 / height))
+        first = first or ax
         mods = summary[name]
-        E = len(next(iter(mods.values()))["tokens_per_expert"])
         counts = {m: torch.tensor(v["tokens_per_expert"], dtype=torch.float64) for m, v in mods.items()}
         total = sum(counts.values())
         bottom = torch.zeros(E, dtype=torch.float64)
@@ -68,10 +75,9 @@ def modality_bars(summary: dict, path: str | Path, title: str = "routing"):
         ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
         ax.set_ylabel("modality share")
         ax.set_title(f"{title}: MoE {name.removeprefix('layer')}", fontsize=9)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = first.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels) + 1, fontsize=8,
                title="each bar: the expert's tokens by modality; above it: its share of all tokens", title_fontsize=7)
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
     return _save(fig, path)
 
 
@@ -83,11 +89,39 @@ def _patch_grid(record: dict, grid: tuple[int, int], b: int) -> tuple[torch.Tens
     return expert.view(grid), kept.view(grid)
 
 
+def patch_mosaic(images: torch.Tensor, maps: torch.Tensor, kept: torch.Tensor, colors, cell: int = 8) -> torch.Tensor:
+    """The pixels of `patch_maps`: one row per image, the image and then one panel per layer,
+    each patch a `cell` x `cell` square of its top-1 expert's colour; a dropped patch is
+    lightened halfway to white and crossed by its two black diagonals. `images` [N, 3, H, W] in
+    [0, 1], `maps` and `kept` [N, L, gh, gw]. Returns [rows, cols, 3] floats in [0, 1], white
+    between panels (a gap of cell // 2 pixels)."""
+    N, L, gh, gw = maps.shape
+    palette = torch.tensor([c[:3] for c in colors], dtype=torch.float32)
+    panels = palette[maps.long()]  # [N, L, gh, gw, 3]
+    panels = torch.where(kept[..., None], panels, (panels + 1) / 2)
+    panels = panels.repeat_interleave(cell, 2).repeat_interleave(cell, 3)  # [N, L, gh*c, gw*c, 3]
+    i = torch.arange(cell)
+    cross = (i[:, None] == i[None, :]) | (i[:, None] + i[None, :] == cell - 1)  # both diagonals of a cell
+    ink = (~kept).repeat_interleave(cell, 2).repeat_interleave(cell, 3) & cross.repeat(gh, gw)
+    panels = panels.masked_fill(ink[..., None], 0.0)
+    size = (gh * cell, gw * cell)
+    pics = torch.nn.functional.interpolate(images.float(), size=size, mode="nearest").permute(0, 2, 3, 1)
+    gap = cell // 2
+    out = torch.ones(N * size[0] + (N - 1) * gap, (L + 1) * size[1] + L * gap, 3)
+    for b in range(N):
+        y = b * (size[0] + gap)
+        for j, panel in enumerate([pics[b], *panels[b]]):
+            x = j * (size[1] + gap)
+            out[y:y + size[0], x:x + size[1]] = panel
+    return out.clamp(0, 1)
+
+
 def patch_maps(images: torch.Tensor, store: dict, grid: tuple[int, int], num_experts: int, path: str | Path,
                title: str = "routing", mean=None, std=None):
     """One row per image: the image, then one panel per MoE layer with each patch coloured by
-    its top-1 expert; patches whose choice was dropped are hatched. Returns the expert maps
-    [images, layers, gh, gw]."""
+    its top-1 expert; patches whose choice was dropped are lightened and crossed
+    (`patch_mosaic`). One image in one axes: fast enough to draw at every validation. Returns
+    the expert maps [images, layers, gh, gw]."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -98,31 +132,33 @@ def patch_maps(images: torch.Tensor, store: dict, grid: tuple[int, int], num_exp
     records = {i: next(r for r in store[i] if r["modality"] == "image") for i in layer_ids}
     colors = expert_colors(num_experts)
     N = images.shape[0]
-    maps = torch.stack([torch.stack([_patch_grid(records[i], grid, b)[0] for i in layer_ids]) for b in range(N)])
-    fig, axes = plt.subplots(N, 1 + len(layer_ids), figsize=(1.9 * (1 + len(layer_ids)), 1.9 * N + 0.9), squeeze=False)
-    mean = torch.tensor(mean or (0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
-    std = torch.tensor(std or (0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
-    for b in range(N):
-        img = (images[b].cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0)
-        axes[b, 0].imshow(img.numpy())
-        axes[b, 0].set_title("image" if b == 0 else "", fontsize=8)
-        for j, i in enumerate(layer_ids):
-            expert, kept = _patch_grid(records[i], grid, b)
-            rgb = torch.tensor([[colors[int(e)][:3] for e in row] for row in expert])
-            ax = axes[b, j + 1]
-            ax.imshow(rgb.numpy(), interpolation="nearest")
-            for y, x in (~kept).nonzero().tolist():
-                ax.add_patch(matplotlib.patches.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="xxx", lw=0, color="black"))
-            if b == 0:
-                ax.set_title(f"MoE {i}, image", fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+    grids = [[_patch_grid(records[i], grid, b) for i in layer_ids] for b in range(N)]
+    maps = torch.stack([torch.stack([e for e, _ in row]) for row in grids])
+    kept = torch.stack([torch.stack([k for _, k in row]) for row in grids])
+    mean = torch.tensor(mean or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor(std or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    pics = (images.detach().cpu().float() * std + mean).clamp(0, 1)
+    cell = max(8, images.shape[-1] // grid[1])
+    mosaic = patch_mosaic(pics, maps.cpu(), kept.cpu(), colors, cell)
+    panel, gap = grid[1] * cell, cell // 2
+    L = len(layer_ids)
     handles = [Patch(color=colors[e], label=f"e{e}") for e in range(num_experts)]
-    handles.append(Patch(facecolor="white", edgecolor="black", hatch="xxx", label="dropped"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=7)
-    fig.suptitle(f"{title}: top-1 expert of each patch", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    handles.append(Patch(facecolor="#e0e0e0", edgecolor="black", hatch="xx", label="dropped"))
+    width = max(5.0, 1.6 * (L + 1) + 0.4)  # inches; the legend's rows and the titles get fixed margins
+    ncol = max(1, min(len(handles), int(width / 0.8)))
+    bottom, top = 0.2 + 0.22 * -(-len(handles) // ncol), 0.7
+    height = 1.6 * N + bottom + top
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((0.02, bottom / height, 0.96, 1 - (bottom + top) / height))
+    ax.imshow(mosaic.numpy(), interpolation="nearest")
+    ax.xaxis.tick_top()
+    ax.set_xticks([j * (panel + gap) + panel / 2 for j in range(L + 1)], ["image", *(f"MoE {i}" for i in layer_ids)], fontsize=8)
+    ax.set_yticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7)
+    fig.suptitle(f"{title}: top-1 expert of each patch", fontsize=9, y=1 - 0.12 / height, va="top")
     _save(fig, path)
     return maps
 
