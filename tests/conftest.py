@@ -14,8 +14,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(int(_threads))
 
+import multiprocessing
+
 import pytest
 from PIL import Image, ImageDraw
+
+# The multi-process tests that start their ranks themselves (helpers.start_ranks) use
+# "forkserver": one server process per pytest process imports these once, and every rank after
+# that is a fork of it, instead of a fresh interpreter importing torch, open_clip and Lightning
+# again (about 10 s a rank here). The server is a clean single-threaded process: no OpenMP pool
+# is forked.
+multiprocessing.set_forkserver_preload(["torch", "lightning.pytorch", "open_clip", "vlmoe.train", "vlmoe.cli", "helpers"])
 
 from vlmoe.data import ShardWriter
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import vlmoe
 from vlmoe.cli import zeroshot_main
@@ -18,6 +17,7 @@ from vlmoe.eval.zeroshot import build_classifier
 from vlmoe.errors import ConfigError
 from vlmoe.moe import SparseMoE
 from vlmoe.moe import parallel as par
+from helpers import start_ranks
 
 
 def _model(name, **moe):
@@ -187,7 +187,7 @@ def test_per_example_routing_under_expert_parallelism_equals_one_process(tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ep_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_ep_worker, 2, 2, port, str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         x, mask = _ep_inputs(rank)

@@ -8,17 +8,17 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from helpers import CONFIGS, FAST, NO_AUX, PairDataset, train_args, read_metrics
 from torch.utils.data import DataLoader
 
 from vlmoe.cli import cli_main
+from vlmoe.errors import ConfigError
 from vlmoe.data import collate, count_samples, expand_shards, make_dataset
 from vlmoe.models.factory import load_model
 from vlmoe.moe import SparseMoE
 from vlmoe.moe import parallel as par
 from vlmoe.train import ExpertParallelStrategy, LIMoEModule
-from helpers import free_port, init_gloo
+from helpers import free_port, init_gloo, start_ranks
 import types
 import vlmoe
 from vlmoe.data import ClipDataModule
@@ -99,7 +99,7 @@ def _layer_worker(rank, world, port, ep_sizes, out_dir):
 
 
 def _spawn(fn, world, *args):
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    start_ranks(fn, world, world, free_port(), *args)
 
 
 @pytest.mark.parametrize("world,ep_sizes", [(2, (2,)), (4, (1, 2, 4))])
@@ -130,6 +130,17 @@ def test_sharded_layer_equals_single_process(tmp_path, world, ep_sizes):
         for name in ("skewed_zero_token_experts", "skewed_grouped_mm"):
             load = ranks[0][(ep, name)]["rank_load"]
             assert load[: ep // 2].sum() == 1 and (load[ep // 2:] == 0).all()
+
+
+def test_forkserver_on_cpu_is_refused():
+    """Lightning's launcher copies the model out of shared memory only under "spawn": under
+    "forkserver" on CPU every rank would train one parameter storage (seen here: two ranks'
+    updates summed into the weights), so the strategy refuses it when the Trainer is built."""
+    with pytest.raises(ConfigError, match='start_method="forkserver"\) on CPU would share the parameters'):
+        L.Trainer(accelerator="cpu", devices=2, strategy=ExpertParallelStrategy(expert_parallel_size=2, start_method="forkserver"),
+                  logger=False, enable_progress_bar=False)
+    L.Trainer(accelerator="cpu", devices=2, strategy=ExpertParallelStrategy(expert_parallel_size=2, start_method="spawn"),
+              logger=False, enable_progress_bar=False)  # builds; no process starts before fit
 
 
 def test_bad_expert_parallel_size_is_refused(monkeypatch):

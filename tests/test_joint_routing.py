@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import free_port, init_gloo
+from helpers import start_ranks
 from helpers import NO_AUX, run_ddp_step
 
 import vlmoe
@@ -229,9 +230,8 @@ def _ep_worker(rank, world, port, out_dir):
 
 
 def test_expert_parallel_joint_routing_equals_a_single_process(tmp_path):
-    import torch.multiprocessing as mp
 
-    mp.spawn(_ep_worker, args=(EP_WORLD, free_port(), str(tmp_path)), nprocs=EP_WORLD, join=True)
+    start_ranks(_ep_worker, EP_WORLD, EP_WORLD, free_port(), str(tmp_path))
     ref = _ep_layer(seed=0)
     loss = 0
     outs = []

@@ -51,7 +51,8 @@ class ExpertParallelStrategy(DDPStrategy):
     Args:
         expert_parallel_size: P, ranks sharing one copy of the experts; must divide the
             world size and every MoE layer's number of experts. 1: plain DDP.
-        start_method: "popen" (torchrun / SLURM / a script, the default) or "spawn".
+        start_method: "popen" (torchrun / SLURM / a script, the default), "spawn" or "fork";
+            "forkserver" on CPU is refused (Lightning's launcher would share the parameters).
         process_group_backend: "nccl" on GPUs, "gloo" on CPUs (default: chosen by device).
         timeout: collective timeout.
         log_all_to_all: log all-to-all time, bytes and load per rank (see ExpertParallelMonitor).
@@ -129,6 +130,12 @@ class ExpertParallelStrategy(DDPStrategy):
         super().teardown()
 
     def _configure_launcher(self) -> None:
+        if self._start_method == "forkserver" and self.root_device.type == "cpu":
+            # Lightning's launcher pickles the model to the ranks through torch.multiprocessing,
+            # which puts CPU tensors in shared memory; it copies them back out only under
+            # "spawn". Under "forkserver" every rank would train the same parameter storage.
+            raise ConfigError('ExpertParallelStrategy(start_method="forkserver") on CPU would share the '
+                              'parameters between the ranks: use start_method "spawn" or "popen"')
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
             self._launcher = _ClosingLauncher(self, start_method=self._start_method)
