@@ -35,6 +35,8 @@ def start_ranks(fn, world: int, *args) -> None:
     import torch.multiprocessing as mp
 
     mp.start_processes(fn, args=args, nprocs=world, join=True, start_method="forkserver")
+
+
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0",
          "--trainer.log_every_n_steps=1"]
 
@@ -221,8 +223,7 @@ def run_ddp_step(devices, per_device_batch, path, overrides=NO_AUX):
     torch.manual_seed(0)
     module = LIMoEModule("limoe-tiny", model_overrides=overrides, warmup_steps=1)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_steps=1,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
         default_root_dir=str(path.parent),
         callbacks=[SaveGrads(path)], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
