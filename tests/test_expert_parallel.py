@@ -136,7 +136,7 @@ def test_forkserver_on_cpu_is_refused():
     """Lightning's launcher copies the model out of shared memory only under "spawn": under
     "forkserver" on CPU every rank would train one parameter storage (seen here: two ranks'
     updates summed into the weights), so the strategy refuses it when the Trainer is built."""
-    with pytest.raises(ConfigError, match='start_method="forkserver"\) on CPU would share the parameters'):
+    with pytest.raises(ConfigError, match=r'start_method="forkserver"\) on CPU would share the parameters'):
         L.Trainer(accelerator="cpu", devices=2, strategy=ExpertParallelStrategy(expert_parallel_size=2, start_method="forkserver"),
                   logger=False, enable_progress_bar=False)
     L.Trainer(accelerator="cpu", devices=2, strategy=ExpertParallelStrategy(expert_parallel_size=2, start_method="spawn"),
