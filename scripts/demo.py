@@ -41,7 +41,11 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SUMMARY = ROOT / "docs" / "compare" / "summary.json"  # the paired multi-seed report (scripts/compare.py)
+SUMMARY = ROOT / "docs" / "compare" / "recipe" / "summary.json"  # the paired multi-seed report (scripts/compare.py --recipe)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def seed_context(results: list[dict], summary_path: Path = SUMMARY) -> str:
@@ -63,7 +67,7 @@ def seed_context(results: list[dict], summary_path: Path = SUMMARY) -> str:
             if (p["a"], p["b"]) == ("limoe-tiny", "clip-tiny") and p["low"] is not None:
                 lines.append(
                     f"Paired over {p['n']} seeds ({summary['steps']} steps x {summary['batch_size']}, "
-                    f"docs/compare/): LIMoE - CLIP = {p['mean']:+.1f} points, 95% interval "
+                    f"{_shown(summary_path.parent)}/): LIMoE - CLIP = {p['mean']:+.1f} points, 95% interval "
                     f"[{p['low']:+.1f}, {p['high']:+.1f}], LIMoE ahead on {p['wins']} of {p['n']} seeds"
                     f"{' (seed ' + str(seed) + ': ' + format(p['diffs'][p['seeds'].index(seed)], '+.1f') + ')' if seed in p['seeds'] and summary['steps'] == steps else ''}.")
         lines.append("An interval that contains 0 means the report does not show a difference at this length.")

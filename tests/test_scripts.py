@@ -1,5 +1,7 @@
 import json
+import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +152,35 @@ def test_eval_routing_script_table(shards, capsys, tmp_path):
     assert len(set(rows[0]["top1"])) == 1 and len(set(rows[1]["top1"])) == 1
     out = capsys.readouterr().out
     assert out.startswith("| model | eval routing | batch 3 | batch 24 | spread |") and f"| {export} | per_example |" in out
+
+
+def test_compare_pairs_by_evaluation_routing_by_hand():
+    """issue #27: a pair of MoE variants compared under each evaluation routing, from the same
+    checkpoints. Differences and the 95% interval by hand (t_0.975 with 2 df = 4.303); a dense
+    variant (no evaluation routings) and a routing one side lacks give no row. Planted: `a` and
+    `b` swapped, another routing's accuracy read, the seeds of `b` taken from `a` -> fails."""
+    compare = load_script("compare")
+
+    def run(model, seed, **top1):
+        return {"model": model, "seed": seed, "eval_routing": {h: {"zeroshot_top1": v} for h, v in top1.items()}}
+
+    runs = [run("limoe-tiny", 0, per_example=0.65, dropless=0.55, batch=0.40),
+            run("limoe-tiny", 1, per_example=0.66, dropless=0.60, batch=0.41),
+            run("limoe-tiny", 2, per_example=0.72, dropless=0.61),
+            run("limoe-tiny, joint", 0, per_example=0.60, dropless=0.50, batch=0.30),
+            run("limoe-tiny, joint", 1, per_example=0.62, dropless=0.70, batch=0.45),
+            run("limoe-tiny, joint", 2, per_example=0.70, dropless=0.61, batch=0.50)]
+    runs += [{"model": "clip-tiny", "seed": s, "eval_routing": {}} for s in range(3)]
+    got = {(d["a"], d["b"], d["eval_routing"]): d for d in
+           compare.routing_pairs(runs, ["clip-tiny", "limoe-tiny", "limoe-tiny, joint"])}
+    assert set(got) == {("limoe-tiny, joint", "limoe-tiny", h) for h in ("per_example", "batch", "dropless")}
+    pe = got["limoe-tiny, joint", "limoe-tiny", "per_example"]
+    assert pe["diffs"] == pytest.approx([-5, -4, -2]) and pe["wins"] == 0 and pe["mean"] == pytest.approx(-11 / 3)
+    half = 4.302653 * statistics.stdev([-5, -4, -2]) / math.sqrt(3)  # 1.5275 sd -> 3.795 points
+    assert (pe["low"], pe["high"]) == pytest.approx((-11 / 3 - half, -11 / 3 + half), abs=1e-3)
+    dl = got["limoe-tiny, joint", "limoe-tiny", "dropless"]
+    assert dl["diffs"] == pytest.approx([-5, 10, 0]) and dl["wins"] == 1  # a tie is not a win
+    bt = got["limoe-tiny, joint", "limoe-tiny", "batch"]
+    assert bt["seeds"] == [0, 1] and bt["diffs"] == pytest.approx([-10, 4])  # seed 2 of limoe-tiny lacks "batch"
+    table = compare.routing_pairs_table(list(got.values()))
+    assert "| limoe-tiny, joint - limoe-tiny | per_example | 3 | -3.7 | [-7.5, +0.1] | 0/3 |" in table
