@@ -143,10 +143,14 @@ def paired_results(runs: list[dict], variants: list[str], metric: str = "zerosho
     return out
 
 
+def _interval(d: dict) -> str:
+    return f"[{d['low']:+.1f}, {d['high']:+.1f}]" if d["low"] is not None else "- (one seed)"
+
+
 def paired_table(results: list[dict]) -> str:
     lines = ["| A - B (zero-shot top-1, points) | seeds | mean | 95% interval | A better | per seed |", "|---|---|---|---|---|---|"]
     for d in results:
-        ci = f"[{d['low']:+.1f}, {d['high']:+.1f}]" if d["low"] is not None else "- (one seed)"
+        ci = _interval(d)
         lines.append(f"| {d['a']} - {d['b']} | {d['n']} | {d['mean']:+.1f} | {ci} | {d['wins']}/{d['n']} | "
                      + " ".join(f"{x:+.1f}" for x in d["diffs"]) + " |")
     return "\n".join(lines)
@@ -242,7 +246,7 @@ def routing_pairs(runs: list[dict], variants: list[str]) -> list[dict]:
 def routing_pairs_table(results: list[dict]) -> str:
     lines = ["| A - B (zero-shot top-1, points) | eval routing | seeds | mean | 95% interval | A better |", "|---|---|---|---|---|---|"]
     for d in results:
-        ci = f"[{d['low']:+.1f}, {d['high']:+.1f}]" if d["low"] is not None else "- (one seed)"
+        ci = _interval(d)
         lines.append(f"| {d['a']} - {d['b']} | {d['eval_routing']} | {d['n']} | {d['mean']:+.1f} | {ci} | {d['wins']}/{d['n']} |")
     return "\n".join(lines)
 
