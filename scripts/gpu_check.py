@@ -212,7 +212,7 @@ def main(argv=None):
     p.add_argument("--out", default=".", help="folder for gpu_check.json")
     p.add_argument("--skip-compile", action="store_true", help="leave out the compiled-vs-eager step and sync count")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled step (the CPU "
-                   "smoke test: aot_eager, which skips inductor's minutes of C++ compiling)")
+                   "smoke test: eager, dynamo alone, which skips inductor's minutes of C++ compiling)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dim, tokens = (64, 512) if a.tiny else (768, 197 * 64)

@@ -58,5 +58,9 @@ def test_user_mistakes_are_one_line_with_status_2_and_bugs_keep_tracebacks(shard
 
     p = script("vlmoe-info", "limoe-huge", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown model 'limoe-huge'" in p.stderr, p.stderr
-    p = script("vlmoe-info", "limoe-huge", cwd=tmp_path, env={"VLMOE_DEBUG": "1"})
+    p = script("vlmoe-info", "limoe-huge", cwd=tmp_path, env={"VLMOE_DEBUG": "1", "PYTHONPROFILEIMPORTTIME": "1"})
     assert p.returncode != 0 and "Traceback" in p.stderr  # the traceback, on request
+    # the commands that do not train start without importing Lightning (and, through it,
+    # torchmetrics, scipy and matplotlib: seconds at every start)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert "vlmoe.models" in imported and "lightning" not in imported

@@ -109,3 +109,41 @@ def test_pipe_urls_webp_and_json_fields(tmp_path):
     piped = list(make_dataset([f"pipe:cat {path}"], lambda im: torch.tensor(list(im.getpixel((5, 5)))), lambda t: torch.zeros(1, 2), train=False))
     assert len(plain) == len(piped) == 1
     assert plain[0]["image"].tolist() == piped[0]["image"].tolist() == [10, 200, 30]
+
+
+_PARENT_STATE = {"set_at_run_time": None}
+
+
+class _ReportsParentState(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield {"keys": [str(_PARENT_STATE["set_at_run_time"])]}
+
+
+def test_workers_are_forked_in_a_rank_that_was_spawned(tmp_path):
+    """Planted: WatchedLoader leaving the workers' start method to the process default. A rank
+    that Lightning started with "spawn" inherits "spawn" as that default (multiprocessing's
+    `prepare` sets it, as done here), and every DataLoader worker would then be a fresh
+    interpreter importing torch, Lightning and open_clip again, at every validation. A forked
+    worker sees state its parent set at run time; a spawned one re-imports this module and
+    does not. The data module's loaders carry the same choice."""
+    import multiprocessing
+
+    from vlmoe.data.watch import WatchedLoader
+
+    write_split(str(tmp_path / "t-%06d.tar"), 4, 0, 4)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    _PARENT_STATE["set_at_run_time"] = "parent"
+    try:
+        with deadline(120):
+            batches = list(WatchedLoader(_ReportsParentState(), batch_size=None, num_workers=1, what="test"))
+        dm = _module(str(tmp_path / "t-000000.tar"), str(tmp_path / "t-000000.tar"), 0)
+        loader = dm._loader(_ReportsParentState(), 4, True, "train")
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+        _PARENT_STATE["set_at_run_time"] = None
+    assert [b["keys"] for b in batches] == [["parent"]]
+    assert loader.multiprocessing_context.get_start_method() == "fork"
+    # a context the caller chose is kept
+    spawned = WatchedLoader(_ReportsParentState(), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    assert spawned.multiprocessing_context.get_start_method() == "spawn"

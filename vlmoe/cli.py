@@ -34,14 +34,17 @@ class ArgParser(argparse.ArgumentParser):
 
 def run_console(main, prog: str, argv: list[str] | None = None) -> int:
     """Run a console entry point and turn its outcome into an exit status."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VLMOE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
         main(argv)
-    except SIGTERMException as e:  # a SystemExit(None) that Lightning raises on SIGTERM: not a success
+    except SystemExit as e:
+        # Lightning's SIGTERMException is a SystemExit(None): not a success. Only a command
+        # that imported Lightning can raise it; the others start without importing it.
+        lightning_exc = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        if lightning_exc is None or not isinstance(e, lightning_exc.SIGTERMException):
+            raise
         import signal
 
         signum = getattr(e, "signum", signal.SIGTERM)  # vlmoe.train.module.SignalStop: SIGINT

@@ -12,6 +12,10 @@ signal stops a run that waits for data, and no child process outlives the run.
   redirection or substitution) is `exec`-ed by the shell, so it dies with it too.
 * DataLoader workers die with the main process (SIGTERM via PR_SET_PDEATHSIG) and kill their
   `pipe:` groups on the way out.
+* On Linux the workers are forked, as under torchrun, also in ranks that Lightning started
+  with "spawn": those inherit "spawn" as the default start method, and every worker would be a
+  fresh interpreter importing torch, Lightning and open_clip again (seconds to tens of seconds
+  a worker, at every validation, since workers are not persistent).
 
 The watch uses SIGALRM in the main thread; where another part of the process already
 handles SIGALRM, or outside the main thread, it only waits (no notes, no timeout).
@@ -144,6 +148,8 @@ class WatchedLoader(DataLoader):
     """
 
     def __init__(self, *args, what: str = "data", sources: tuple[str, ...] | list[str] = (), timeout_s: float = 600.0, **kw):
+        if sys.platform.startswith("linux") and kw.get("num_workers", 0) > 0 and kw.get("multiprocessing_context") is None:
+            kw["multiprocessing_context"] = "fork"
         super().__init__(*args, **kw)
         self.what, self.sources, self.timeout_s = what, list(sources), float(timeout_s)
 

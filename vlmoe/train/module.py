@@ -4,11 +4,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from open_clip.loss import ClipLoss
 
 from ..eval.retrieval import retrieval_metrics
@@ -24,6 +26,11 @@ from .routing_report import RoutingReport
 # checkpointing and the data report live in their own modules; imported here for code that
 # imported them from this one
 __all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport", "SignalStop"]
+
+# Evaluation metrics are computed from every rank's gathered rows and logged once, by rank 0:
+# Lightning's advice to sync them (one line per metric, every validation, on every run with
+# more than one device) does not apply to them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
 
 
 def _check_training_args(**a) -> None:
