@@ -49,6 +49,18 @@ def script(name, *args, cwd, timeout=240, env=None):
                           env={**os.environ, **(env or {})})
 
 
+def console(main, prog, args, capsys):
+    """A console script's main through the same run_console as the installed script, in this
+    process: for error messages, once each installed script's exit statuses are checked in a
+    subprocess (test_console_scripts, and a few others named there)."""
+    from vlmoe.cli import run_console
+
+    capsys.readouterr()
+    status = run_console(main, prog, [str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out.out, out.err)
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""

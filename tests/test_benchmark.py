@@ -237,8 +237,13 @@ def test_numpy_and_requests_defects_are_named(monkeypatch, tmp_path):
     assert p.returncode == 2 and "requests" in p.stderr and "vlmoe[benchmark]" in p.stderr, p.stderr
 
 
-def test_make_shards_benchmark_from_an_image_folder(tmp_path):
+def test_make_shards_benchmark_from_an_image_folder(tmp_path, capsys):
+    """The script as a user runs it for the layout; its two refusals through the same
+    run_console in this process (each a fresh interpreter otherwise)."""
     from conftest import make_image
+    from helpers import console, load_script
+
+    make_shards = load_script("make_shards").main
 
     for cls, n in (("dark_red", 2), ("blue", 3)):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
@@ -246,8 +251,8 @@ def test_make_shards_benchmark_from_an_image_folder(tmp_path):
             (tmp_path / "imgs" / cls / f"{i}.jpg").write_bytes(make_image("red" if cls == "dark_red" else "blue", "square", seed=i))
     (tmp_path / "imgs" / "blue" / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "layout"
-    p = run([sys.executable, ROOT / "scripts" / "make_shards.py", "benchmark", "--images", tmp_path / "imgs", "--templates",
-             "a photo of a {}.", "--out", out], cwd=tmp_path)
+    p = console(make_shards, "make_shards.py", ["benchmark", "--images", tmp_path / "imgs", "--templates", "a photo of a {}.",
+                                                 "--out", out], capsys)
     assert p.returncode == 2 and "templates" in p.stderr  # not a file nor a built-in set
     (tmp_path / "t.txt").write_text("a photo of a {c}.\n")
     p = run([sys.executable, ROOT / "scripts" / "make_shards.py", "benchmark", "--images", tmp_path / "imgs", "--templates",
@@ -260,6 +265,6 @@ def test_make_shards_benchmark_from_an_image_folder(tmp_path):
     labels = [int(y) for _, y in build_wds_dataset("wds/x", transform=lambda x: x, split="test", data_dir=str(out))]
     assert labels == [0, 0, 0, 1, 1]
     # a second run into the same folder is refused, unless --overwrite
-    p = run([sys.executable, ROOT / "scripts" / "make_shards.py", "benchmark", "--images", tmp_path / "imgs", "--templates",
-             tmp_path / "t.txt", "--out", out], cwd=tmp_path)
+    p = console(make_shards, "make_shards.py", ["benchmark", "--images", tmp_path / "imgs", "--templates", tmp_path / "t.txt",
+                                                 "--out", out], capsys)
     assert p.returncode == 2 and "--overwrite" in p.stderr

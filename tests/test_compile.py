@@ -11,7 +11,8 @@ import torch._dynamo
 
 from vlmoe import create_model
 from vlmoe.moe import SparseMoE
-from helpers import QUIET, ROOT, data_args, last_line, script
+from helpers import CONFIGS, QUIET, ROOT, console, data_args, last_line, script
+from vlmoe.cli import cli_main
 
 D, E = 16, 4
 CASES = {
@@ -122,12 +123,12 @@ def test_compile_setting_is_a_bool_or_a_backend():
     assert LIMoEModule("clip-tiny", compile="aot_eager").hparams.compile == "aot_eager"
 
 
-def test_vlmoe_fit_with_model_compile(shards, tmp_path):
+def test_vlmoe_fit_with_model_compile(shards, tmp_path, capsys):
     """`vlmoe fit --model.compile aot_eager`, the installed script: the model is compiled with
     the backend named (dynamo captures the forward and AOTAutograd the backward, as with
     inductor; inductor's own code generation is `test_layer_compiled_by_inductor_matches_eager`
     and gpu_check's), training finishes, and the checkpoint has the eager model's keys. A bad
-    value is one line and exit 2."""
+    value is one line and exit 2 (through the same run_console, in this process)."""
     small = json.dumps({"vision_cfg": {"layers": 2}, "text_cfg": {"layers": 2}})
     r = script("vlmoe", "fit", "--config", "configs/limoe_tiny.yaml", *data_args(shards), "--trainer.max_steps=2",
                "--data.batch_size=8", "--data.val_batch_size=8", "--data.samples_per_epoch=16",
@@ -142,7 +143,7 @@ def test_vlmoe_fit_with_model_compile(shards, tmp_path):
     assert not any("_orig_mod" in k for k in state)
     model = create_model("limoe-tiny", **json.loads(small))
     assert set(state) == {f"model.{k}" for k in model.state_dict()}
-    bad = script("vlmoe", "fit", "--config", "configs/limoe_tiny.yaml", *data_args(shards), "--model.compile=maybe",
-                 f"--trainer.default_root_dir={tmp_path}", *QUIET, cwd=str(ROOT), timeout=120)
+    bad = console(cli_main, "vlmoe", ["fit", "--config", CONFIGS / "limoe_tiny.yaml", *data_args(shards), "--model.compile=maybe",
+                                       f"--trainer.default_root_dir={tmp_path}", *QUIET], capsys)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     assert last_line(bad.stderr).startswith("vlmoe: error: compile must be true, false or a torch.compile backend")

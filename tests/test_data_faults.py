@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from conftest import write_split
-from helpers import BIN, CONFIGS, QUIET, data_args, deadline, descendants, fit_args, last_line, processes, script, truncate_images
+from helpers import BIN, CONFIGS, QUIET, console, data_args, deadline, descendants, fit_args, last_line, processes, script, truncate_images
 from vlmoe.data import make_dataset
 from vlmoe.data.pipeline import StreamGuard, collate
 from vlmoe.data.watch import WatchedLoader
@@ -89,7 +89,7 @@ def test_no_training_batch_is_made_of_skip_markers(tmp_path):
     assert sum(int(b["skipped"]) for b in batches) > 50  # a fifth of the samples read are bad
 
 
-def test_fit_on_mostly_good_shards_runs_to_max_steps(tmp_path):
+def test_fit_on_mostly_good_shards_runs_to_max_steps(tmp_path, capsys):
     """Severe 1 as the issue found it: two shards of 40, every 10th JPEG truncated; `vlmoe fit`
     exited 2 at its start. It runs to max_steps and its summary names the skips."""
     paths = write_split(str(tmp_path / "shard-%06d.tar"), 80, 0, 40)
@@ -98,7 +98,8 @@ def test_fit_on_mostly_good_shards_runs_to_max_steps(tmp_path):
             "--data.val_shards", "null", "--data.zeroshot_shards", "null", "--trainer.max_steps", "4", "--data.batch_size", "16",
             "--data.samples_per_epoch", "64", f"--trainer.default_root_dir={tmp_path / 'run'}", *QUIET]
     for seed in (0,):  # more seeds: test_mostly_good_shards_train_and_report_their_skips
-        p = script("vlmoe", *args, f"--data.seed={seed}", cwd=tmp_path, timeout=240)
+        with deadline(240):
+            p = console(cli_main, "vlmoe", [*args, f"--data.seed={seed}"], capsys)
         assert p.returncode == 0, p.stderr[-2000:]
         line = last_line(p.stderr)
         assert line.startswith("vlmoe: fit data: ") and "samples skipped (corrupt image " in line, line
@@ -289,7 +290,7 @@ def test_watched_loader_keeps_lightnings_worker_seeding():
 
 
 @pytest.mark.parametrize("kind", ["empty tar", "all corrupt"])
-def test_fit_on_a_stream_that_yields_nothing_stops_with_a_message(shards, tmp_path, kind):
+def test_fit_on_a_stream_that_yields_nothing_stops_with_a_message(shards, tmp_path, kind, capsys):
     """Defect 2: `vlmoe fit` spun forever (100% CPU, deaf to SIGTERM) on such shards."""
     shard = tmp_path / "bad-000000.tar"
     if kind == "empty tar":
@@ -297,7 +298,8 @@ def test_fit_on_a_stream_that_yields_nothing_stops_with_a_message(shards, tmp_pa
     else:
         write_pairs(shard, [b"\xff\xd8 not really a jpeg"] * 5)
     t0 = time.monotonic()
-    p = script("vlmoe", *fit_args(shards, tmp_path / "r", train_shards=shard), cwd=tmp_path, timeout=180)
+    with deadline(180):
+        p = console(cli_main, "vlmoe", fit_args(shards, tmp_path / "r", train_shards=shard), capsys)
     assert p.returncode == 2, p.stderr[-2000:]
     line = last_line(p.stderr)
     assert line.startswith("vlmoe: error: the training shards") and str(shard) in line and "\n" not in line

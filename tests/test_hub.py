@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import vlmoe
 from vlmoe.errors import ConfigError, NotFound
 from vlmoe.models.hub import model_card, parse_hub_id
+from helpers import console
 
 BIN = Path(sys.executable).parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -124,8 +125,8 @@ def test_installed_zeroshot_reads_a_hub_model_offline(tmp_path, offline_cache, s
     rows = [json.loads(p.stdout)[0], zeroshot_main(["--model", str(export), *common])[0]]
     capsys.readouterr()
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["n"] == rows[1]["n"] == 24
-    p = subprocess.run([str(BIN / "vlmoe-zeroshot"), "--model", "hf-hub:org/missing", *common], capture_output=True, text=True,
-                       timeout=240, env=env, cwd=tmp_path)
+    # a repo not in the cache: one line, status 2 (the same run_console, in this process)
+    p = console(zeroshot_main, "vlmoe-zeroshot", ["--model", "hf-hub:org/missing", *common], capsys)
     assert p.returncode == 2 and str(offline_cache) in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from helpers import CONFIGS, QUIET, ROOT, data_args, fit_args, last_line, script
+from helpers import CONFIGS, QUIET, ROOT, console, data_args, fit_args, last_line
 from vlmoe.errors import CheckpointError, ConfigError, DataError, NotFound, VLMoEError
 
 
@@ -23,19 +23,6 @@ def one_error_line(p, prog: str, *fragments: str) -> str:
     return line
 
 
-def console(main, prog, args, capsys):
-    """A console script's main through the same run_console as the installed script, in this
-    process (each installed script also has a subprocess case here or in test_first_contact)."""
-    from vlmoe.cli import run_console
-
-    capsys.readouterr()
-    status = run_console(main, prog, [str(a) for a in args])
-    out = capsys.readouterr()
-    import subprocess
-
-    return subprocess.CompletedProcess(args, status, out.out, out.err)
-
-
 def zs(shards, *args):
     return ["--model", "clip-tiny", "--data", shards["zeroshot"], "--classnames", shards["classnames"],
             "--templates", shards["templates"], *args]
@@ -46,7 +33,7 @@ def test_zeroshot_and_routing_mistakes(shards, tmp_path, capsys):
     a file, and a capacity factor with dropless routing were tracebacks or silently dropped."""
     from vlmoe.cli import routing_main, zeroshot_main
 
-    p = script("vlmoe-zeroshot", *zs(shards, "--num-workers", "-3"), cwd=tmp_path)
+    p = console(zeroshot_main, "vlmoe-zeroshot", zs(shards, "--num-workers", "-3"), capsys)
     one_error_line(p, "vlmoe-zeroshot", "--num-workers must be >= 0", "-3")
     p = console(zeroshot_main, "vlmoe-zeroshot", zs(shards, "--device", "tpu9"), capsys)
     one_error_line(p, "vlmoe-zeroshot", "--device 'tpu9' is not a device name torch knows")
@@ -56,7 +43,7 @@ def test_zeroshot_and_routing_mistakes(shards, tmp_path, capsys):
     p = console(zeroshot_main, "vlmoe-zeroshot", zs(shards, "--eval-routing", "dropless", "--eval-capacity-factor", "2"), capsys)
     one_error_line(p, "vlmoe-zeroshot", "--eval-capacity-factor has no effect with --eval-routing dropless")
     (tmp_path / "taken").write_text("x")
-    p = script("vlmoe-routing", "--model", "limoe-tiny", "--data", shards["val"], "--out", tmp_path / "taken", cwd=tmp_path)
+    p = console(routing_main, "vlmoe-routing", ["--model", "limoe-tiny", "--data", shards["val"], "--out", tmp_path / "taken"], capsys)
     one_error_line(p, "vlmoe-routing", f"--out {tmp_path / 'taken'} is a file")
     p = console(routing_main, "vlmoe-routing", ["--model", "limoe-tiny", "--data", shards["val"], "--out", tmp_path / "r",
                                                 "--device", "nope"], capsys)
@@ -66,12 +53,12 @@ def test_zeroshot_and_routing_mistakes(shards, tmp_path, capsys):
 def test_a_model_name_without_weights_is_said_to_be_random(shards, tmp_path, capsys):
     """vlmoe-zeroshot --model limoe-tiny and `vlmoe validate` without a checkpoint reported
     10% top-1 with exit 0 and not a word about the weights being random."""
-    p = script("vlmoe-zeroshot", *zs(shards, "--num-workers", "0", "--json"), cwd=tmp_path)
+    from vlmoe.cli import cli_main, zeroshot_main
+
+    p = console(zeroshot_main, "vlmoe-zeroshot", zs(shards, "--num-workers", "0", "--json"), capsys)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "vlmoe-zeroshot: note: clip-tiny is a model name, not weights: it is evaluated with random initial weights" in p.stderr
     assert json.loads(p.stdout)[0]["n"] == 24  # the note is on stderr: stdout stays JSON
-    from vlmoe.cli import cli_main
-
     p = console(cli_main, "vlmoe", ["validate", "--config", CONFIGS / "limoe_tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'v'}",
                                      *data_args(shards, train_shards="null", zeroshot_shards="null"), "--data.val_batch_size=8",
                                      *QUIET], capsys)
@@ -101,17 +88,14 @@ def test_config_mistakes_are_one_line(shards, tmp_path, case, capsys):
     }[case]
     (tmp_path / "unk.yaml").write_text("model:\n  nope: 1\n")
     (tmp_path / "bad.yaml").write_text("model:\n  lr: [1\n")
-    if case == "unknown key in a file":  # the installed script, once; the others through the same run_console in process
-        p = script("vlmoe", *args, cwd=tmp_path, timeout=120)
-    else:
-        from vlmoe.cli import cli_main
+    from vlmoe.cli import cli_main
 
-        p = console(cli_main, "vlmoe", args, capsys)
+    p = console(cli_main, "vlmoe", args, capsys)
     one_error_line(p, "vlmoe", *fragments)
     assert p.stderr.count("usage:") == 0 and len(p.stderr.splitlines()) < 12, p.stderr
 
 
-def test_checkpoint_path_mistakes(shards, tmp_path):
+def test_checkpoint_path_mistakes(shards, tmp_path, capsys):
     """A folder as --ckpt_path got "no such file"; a .safetensors file renamed .ckpt was told
     it should be "... or a .safetensors file"."""
     from safetensors.torch import save_file
@@ -119,7 +103,9 @@ def test_checkpoint_path_mistakes(shards, tmp_path):
     run = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
     run.mkdir(parents=True)
     torch.save({"x": torch.zeros(1)}, run / "last.ckpt")
-    p = script("vlmoe", *fit_args(shards, tmp_path / "r", extra=[f"--ckpt_path={tmp_path / 'run'}"]), cwd=tmp_path)
+    from vlmoe.cli import cli_main
+
+    p = console(cli_main, "vlmoe", fit_args(shards, tmp_path / "r", extra=[f"--ckpt_path={tmp_path / 'run'}"]), capsys)
     one_error_line(p, "vlmoe", f"--ckpt_path {tmp_path / 'run'} is a folder", f"e.g. --ckpt_path {run / 'last.ckpt'}")
     save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.ckpt"))
     from vlmoe.models.checkpoint import read_checkpoint
@@ -174,9 +160,10 @@ def test_benchmark_mistakes(shards, tmp_path, capsys):
     ended in tracebacks from CLIP_benchmark."""
     common = ["eval", "--model_type", "vlmoe", "--model", "clip-tiny", "--pretrained", "none", "--dataset", "wds/digits",
               "--task", "zeroshot_classification", "--output", tmp_path / "out.json"]
-    p = script("vlmoe-benchmark", *common, "--dataset_root", tmp_path / "nope", cwd=tmp_path)
-    one_error_line(p, "vlmoe-benchmark", f"--dataset_root {tmp_path / 'nope'}: no such folder", "make_shards.py benchmark")
     from vlmoe.eval.benchmark import main
+
+    p = console(main, "vlmoe-benchmark", [*common, "--dataset_root", tmp_path / "nope"], capsys)
+    one_error_line(p, "vlmoe-benchmark", f"--dataset_root {tmp_path / 'nope'}: no such folder", "make_shards.py benchmark")
 
     (tmp_path / "empty").mkdir()
     p = console(main, "vlmoe-benchmark", [*common, "--dataset_root", tmp_path / "empty"], capsys)
