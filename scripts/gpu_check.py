@@ -216,7 +216,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dim, tokens = (64, 512) if a.tiny else (768, 197 * 64)
-    names, batch = (["limoe-tiny", "clip-tiny"], 16) if a.tiny else (["limoe-b16-e8", "clip-b16"], 128)
+    names, batch = (["limoe-tiny", "clip-tiny"], 4) if a.tiny else (["limoe-b16-e8", "clip-b16"], 128)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     t0 = time.perf_counter()
     report["correctness"] = check_correctness(device)

@@ -71,11 +71,14 @@ def _bench(model, layout, out, *extra):
 
 
 def _zeroshot(model, layout, cwd):
-    p = run([BIN / "vlmoe-zeroshot", "--model", model, "--data", f"{layout}/test/{{0..2}}.tar", "--classnames",
-             layout / "classnames.txt", "--templates", layout / "zeroshot_classification_templates.txt", "--json",
-             "--per-class", "--num-workers", "0"], cwd=cwd)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)[0]
+    """vlmoe-zeroshot's result for the same data (in this process: the installed script is
+    test_console_scripts')."""
+    from vlmoe.cli import zeroshot_main
+
+    return zeroshot_main([str(a) for a in ("--model", model, "--data", f"{layout}/test/{{0..2}}.tar", "--classnames",
+                                           layout / "classnames.txt", "--templates",
+                                           layout / "zeroshot_classification_templates.txt", "--per-class",
+                                           "--num-workers", "0")])[0]
 
 
 @pytest.fixture(scope="module")
@@ -192,25 +195,33 @@ def _reference_text_routing(model_dir, prompts):
     return out
 
 
-def test_build_and_bad_input(layout, models, results, tmp_path):
+def test_build_and_bad_input(layout, models, results, tmp_path, capsys):
     out = results["moe"]
     p = run([BIN / "vlmoe-benchmark", "build", out, "--output", tmp_path / "bench.csv"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
     assert len(rows) == 1 and float(rows[0]["acc1"]) == json.loads(out.read_text())["metrics"]["acc1"] and rows[0]["moe"]
     # CLIP_benchmark's default --pretrained is an open_clip tag: said in one line, exit 2
-    p = run([BIN / "vlmoe-benchmark", "eval", "--model_type", "vlmoe", "--model", models["moe"], "--dataset", "wds/colors",
-             "--dataset_root", layout, "--output", tmp_path / "x.json"], cwd=tmp_path)
+    from helpers import console
+    from vlmoe.eval.benchmark import main
+
+    p = console(main, "vlmoe-benchmark", ["eval", "--model_type", "vlmoe", "--model", models["moe"], "--dataset", "wds/colors",
+                                          "--dataset_root", layout, "--output", tmp_path / "x.json"], capsys)
     assert p.returncode == 2 and "--pretrained none" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x.json").exists()
 
 
-def test_a_named_model_with_a_checkpoint_as_pretrained(layout, models, results, tmp_path):
-    """--model NAME --pretrained CHECKPOINT: the weights of the checkpoint in the named architecture."""
+def test_a_named_model_with_a_checkpoint_as_pretrained(layout, models, results, tmp_path, capsys):
+    """--model NAME --pretrained CHECKPOINT: the weights of the checkpoint in the named
+    architecture (in this process: the results fixture runs the installed script)."""
+    from helpers import console
+    from vlmoe.eval.benchmark import main
+
     weights = models["dense"] / "model.safetensors"
     out = tmp_path / "named.json"
-    p = run([BIN / "vlmoe-benchmark", "eval", "--model_type", "vlmoe", "--model", "clip-tiny", "--pretrained", weights,
-             "--dataset", "wds/colors", "--dataset_root", layout, "--num_workers", "0", "--no_amp", "--output", out], cwd=tmp_path)
+    p = console(main, "vlmoe-benchmark", ["eval", "--model_type", "vlmoe", "--model", "clip-tiny", "--pretrained", weights,
+                                          "--dataset", "wds/colors", "--dataset_root", layout, "--num_workers", "0", "--no_amp",
+                                          "--output", out], capsys)
     assert p.returncode == 0, p.stderr[-2000:]
     named, export = json.loads(out.read_text()), json.loads(results["dense"].read_text())
     assert named["metrics"] == export["metrics"] and named["pretrained"] == str(weights)

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+import torch.distributed as dist
+
 import vlmoe
+from helpers import free_port, init_gloo, start_ranks
 from vlmoe.data import collate
 from vlmoe.errors import ConfigError
 from vlmoe.moe import SparseMoE
@@ -266,11 +269,14 @@ def _fit_bias(devices, per_device_batch, path, steps=2, accumulate=1, per_modali
     return [torch.load(f"{path}.rank{r}", weights_only=True) for r in range(devices)]
 
 
-@pytest.mark.parametrize("per_modality", [False, True])
+@pytest.mark.parametrize("per_modality", [True])
 def test_bias_is_the_same_on_every_rank_and_equals_one_process(tmp_path, per_modality):
     """Each of 2 gloo ranks routes half of every batch; the loads are summed before the update,
     so both ranks hold the bias one process computes from the whole batch (the selection does
-    not depend on how the batch is split: no capacity, no noise, lr 0)."""
+    not depend on how the batch is split: no capacity, no noise, lr 0). One bias per modality:
+    `update_biases` sums every layer's loads in one all_reduce whatever their shape, so the
+    [E] bias takes the same path (its single-process updates are tested above); a 2-rank
+    Lightning launch costs half a minute here."""
     single = _fit_bias(1, 8, tmp_path / "single", steps=3, per_modality=per_modality)[0]
     ranks = _fit_bias(2, 4, tmp_path / "ddp", steps=3, per_modality=per_modality)
     for layer in range(len(single)):
@@ -278,6 +284,34 @@ def test_bias_is_the_same_on_every_rank_and_equals_one_process(tmp_path, per_mod
         torch.testing.assert_close(ranks[0][layer], ranks[1][layer], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0][layer], single[layer], rtol=0, atol=0)
         assert single[layer].abs().max() > 0
+
+
+def _update_biases_worker(rank, world, port, out):
+    from vlmoe.moe.balance import BiasBalance, update_biases
+
+    init_gloo(rank, world, port)
+    try:
+        plain, per_modality = BiasBalance(4, 0.01, False), BiasBalance(4, 0.01, True)
+        plain.load.copy_(torch.tensor([[3.0, 0, 1, 0], [0, 0, 1, 4]][rank]))
+        per_modality.load.copy_(torch.tensor([[[1.0, 0, 0, 0], [0, 0, 0, 0]], [[0, 0, 0, 3.0], [0, 0, 0, 0]]][rank]))
+        loads = update_biases([plain, per_modality])
+        torch.save({"loads": loads, "bias": [plain.expert_bias, per_modality.expert_bias]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_update_biases_sums_every_layers_loads_over_the_ranks(tmp_path):
+    """Two ranks, a [E] bias and a [modality, E] bias in one call: each rank steps with the
+    loads summed over both ranks, worked out by hand. Planted: each rank stepping with its own
+    loads (rank 0 alone would give [-1, +1, 0, +1] and, for the image row, [-1, +1, +1, +1])."""
+    start_ranks(_update_biases_worker, 2, 2, free_port(), str(tmp_path))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loads"][0], torch.tensor([3.0, 0, 2, 4]))
+        torch.testing.assert_close(got["loads"][1], torch.tensor([[1.0, 0, 0, 3], [0, 0, 0, 0]]))
+        # mean 2.25 against [3, 0, 2, 4]; image row mean 1 against [1, 0, 0, 3]; text saw no token
+        torch.testing.assert_close(got["bias"][0], 0.01 * torch.tensor([-1.0, 1, 1, -1]))
+        torch.testing.assert_close(got["bias"][1], 0.01 * torch.tensor([[0.0, 1, 1, -1], [0, 0, 0, 0]]))
 
 
 def test_bias_moves_once_per_optimizer_step_under_accumulation(tmp_path):
