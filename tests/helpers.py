@@ -51,8 +51,8 @@ def script(name, *args, cwd, timeout=240, env=None):
 
 def console(main, prog, args, capsys):
     """A console script's main through the same run_console as the installed script, in this
-    process: for error messages, once each installed script's exit statuses are checked in a
-    subprocess (test_console_scripts, and a few others named there)."""
+    process: for messages, once the installed script's exit statuses are checked in a
+    subprocess (test_console_scripts; make_shards.py and vlmoe-benchmark in test_benchmark)."""
     from vlmoe.cli import run_console
 
     capsys.readouterr()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import vlmoe
+from helpers import console, load_script
 from vlmoe.errors import ConfigError
 
 pytest.importorskip("clip_benchmark", reason="the [benchmark] extra is not installed")
@@ -70,7 +71,7 @@ def _bench(model, layout, out, *extra):
                 "--output", out, *extra], cwd=out.parent)
 
 
-def _zeroshot(model, layout, cwd):
+def _zeroshot(model, layout):
     """vlmoe-zeroshot's result for the same data (in this process: the installed script is
     test_console_scripts')."""
     from vlmoe.cli import zeroshot_main
@@ -98,7 +99,7 @@ def test_clip_benchmark_acc1_equals_vlmoe_zeroshot_top1(layout, models, results,
         result = json.loads(results[kind].read_text())
         assert {"dataset", "model", "pretrained", "task", "metrics", "language", "moe"} <= set(result)
         assert result["task"] == "zeroshot_classification" and result["dataset"] == "wds/colors"
-        ref = _zeroshot(model, layout, tmp_path)
+        ref = _zeroshot(model, layout)
         assert ref["n"] == 24
         assert result["metrics"]["acc1"] == pytest.approx(ref["top1"], abs=1e-9), kind
         # balanced accuracy = the mean of the per-class accuracies (4 classes of 6 images)
@@ -202,7 +203,6 @@ def test_build_and_bad_input(layout, models, results, tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
     assert len(rows) == 1 and float(rows[0]["acc1"]) == json.loads(out.read_text())["metrics"]["acc1"] and rows[0]["moe"]
     # CLIP_benchmark's default --pretrained is an open_clip tag: said in one line, exit 2
-    from helpers import console
     from vlmoe.eval.benchmark import main
 
     p = console(main, "vlmoe-benchmark", ["eval", "--model_type", "vlmoe", "--model", models["moe"], "--dataset", "wds/colors",
@@ -214,7 +214,6 @@ def test_build_and_bad_input(layout, models, results, tmp_path, capsys):
 def test_a_named_model_with_a_checkpoint_as_pretrained(layout, models, results, tmp_path, capsys):
     """--model NAME --pretrained CHECKPOINT: the weights of the checkpoint in the named
     architecture (in this process: the results fixture runs the installed script)."""
-    from helpers import console
     from vlmoe.eval.benchmark import main
 
     weights = models["dense"] / "model.safetensors"
@@ -252,7 +251,6 @@ def test_make_shards_benchmark_from_an_image_folder(tmp_path, capsys):
     """The script as a user runs it for the layout; its two refusals through the same
     run_console in this process (each a fresh interpreter otherwise)."""
     from conftest import make_image
-    from helpers import console, load_script
 
     make_shards = load_script("make_shards").main
 

@@ -1,5 +1,5 @@
 """The installed console scripts as a user's shell runs them: exit statuses, one-line mistakes,
-and every output under the run's folder. Each runs in a subprocess."""
+and every output under the run's folder. Each runs in a subprocess (`--debug`'s traceback: in process)."""
 from __future__ import annotations
 
 import json

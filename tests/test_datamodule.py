@@ -138,7 +138,7 @@ def test_workers_are_forked_in_a_rank_that_was_spawned(tmp_path):
         with deadline(120):
             batches = list(WatchedLoader(_ReportsParentState(), batch_size=None, num_workers=1, what="test"))
         dm = _module(str(tmp_path / "t-000000.tar"), str(tmp_path / "t-000000.tar"), 0)
-        loader = dm._loader(_ReportsParentState(), 4, True, "train")
+        loader = dm.train_dataloader()
     finally:
         multiprocessing.set_start_method(before, force=True)
         _PARENT_STATE["set_at_run_time"] = None

@@ -1,5 +1,6 @@
 """Every user mistake is one `PROG: error:` line with status 2, no traceback (issue #23).
-Console scripts run as installed scripts in subprocesses; API mistakes are raised in process."""
+Console scripts' messages go through the same run_console in this process (`helpers.console`;
+their installed scripts' exit statuses: test_console_scripts); API mistakes are raised in process."""
 import json
 import sys
 import time

@@ -16,12 +16,13 @@ from open_clip.loss import ClipLoss
 from ..eval.retrieval import retrieval_metrics
 from ..eval.zeroshot import build_classifier, topk_correct
 from ..models.factory import create_model
-from ..errors import ConfigError, check_int, check_number
+from ..errors import ConfigError
 from ..moe import check_finite, update_biases
 from ..moe.config import BIAS_MODALITIES
 from .checkpointing import AtomicCheckpointIO, FinalCheckpoint, SignalStop
 from .data_report import DataReport, summarise_data
 from .routing_report import RoutingReport
+from .settings import check_training_args
 
 # checkpointing and the data report live in their own modules; imported here for code that
 # imported them from this one
@@ -31,26 +32,6 @@ __all__ = ["LIMoEModule", "FinalCheckpoint", "AtomicCheckpointIO", "DataReport",
 # Lightning's advice to sync them (one line per metric, every validation, on every run with
 # more than one device) does not apply to them.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
-
-
-def _check_training_args(**a) -> None:
-    """One ConfigError line for an optimiser or schedule setting that cannot work."""
-    for k in ("lr", "weight_decay", "aux_loss_weight"):  # lr 0: a frozen run (tests of what moves without training)
-        check_number(f"--model.{k}", a[k])
-    check_number("--model.eps", a["eps"], 0.0, above=True)
-    check_number("--model.min_lr_ratio", a["min_lr_ratio"], 0.0, maximum=1.0)
-    betas = a["betas"]
-    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
-            or not all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        raise ConfigError(f"--model.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {betas!r}")
-    check_int("--model.warmup_steps", a["warmup_steps"], 0)
-    check_int("--model.checkpoint_every_n_steps", a["checkpoint_every_n_steps"], 1)
-    if a["moe_log_every_n_steps"] is not None:
-        check_int("--model.moe_log_every_n_steps", a["moe_log_every_n_steps"], 1)
-    c = a["compile"]
-    if not isinstance(c, bool) and not (isinstance(c, str) and c in torch._dynamo.list_backends(exclude_tags=())):
-        raise ConfigError(f"compile must be true, false or a torch.compile backend (inductor, aot_eager, eager, cudagraphs, ...: "
-                          f"torch._dynamo.list_backends(exclude_tags=())); got {c!r}")
 
 
 def _plain_hp(v):
@@ -122,7 +103,7 @@ class LIMoEModule(L.LightningModule):
         compile: bool | str = False,
     ):
         super().__init__()
-        _check_training_args(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
+        check_training_args(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
                              min_lr_ratio=min_lr_ratio, aux_loss_weight=aux_loss_weight,
                              checkpoint_every_n_steps=checkpoint_every_n_steps, moe_log_every_n_steps=moe_log_every_n_steps,
                              compile=compile)
